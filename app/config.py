@@ -1,0 +1,268 @@
+"""Every setting of the image, in one place.
+
+The container is configured only through environment variables (RunPod
+templates, compose `.env` files, Kubernetes manifests). This module is the
+single source of truth for their names, types, defaults and descriptions:
+`.env.example` and the README's settings table are checked against it by
+`tests/unit/test_settings_docs.py`.
+
+An invalid value fails at start with one line naming the variable
+(`ConfigError`), never with a traceback from deep inside the engine.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+MiB = 1024 * 1024
+
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the variable and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # --- Model -----------------------------------------------------------
+    MODEL_NAME: str = Field(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="Hugging Face model id or a local model directory.",
+    )
+    MODEL_REVISION: str | None = Field(
+        None, description="Branch, tag or commit of MODEL_NAME to serve (default: main)."
+    )
+    SERVED_MODEL_NAME: str | None = Field(
+        None, description="Model name clients send in `model` (default: MODEL_NAME)."
+    )
+    HF_TOKEN: SecretStr | None = Field(
+        None, description="Hugging Face token for gated or private models. Never logged."
+    )
+    HF_HOME: Path = Field(
+        Path.home() / ".cache" / "huggingface",
+        description="Model cache directory; /runpod-volume/huggingface-cache wins when that volume is mounted.",
+    )
+    LORA_MODULES: str = Field(
+        "", description="LoRA adapters to serve, as comma-separated name=hub-id-or-path pairs."
+    )
+    MAX_LORAS: int = Field(1, ge=1, description="Adapters that can be active in one batch.")
+    MAX_LORA_RANK: int = Field(16, ge=1, description="Highest LoRA rank among the adapters.")
+
+    # --- Engine ----------------------------------------------------------
+    DEVICE: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Engine device: auto picks cuda when an NVIDIA GPU is visible, else cpu."
+    )
+    VLLM_PORT: int = Field(8001, ge=1, le=65535, description="Internal port of the engine (bound to 127.0.0.1).")
+    MAX_MODEL_LEN: int | None = Field(
+        None, ge=16, description="Context length in tokens (default: the model's own)."
+    )
+    GPU_MEMORY_UTIL: float = Field(
+        0.90, gt=0.0, le=1.0, description="Fraction of GPU memory the engine may use."
+    )
+    MAX_NUM_SEQS: int | None = Field(None, ge=1, description="Sequences batched together (default: the engine's).")
+    MAX_BATCHED_TOKENS: int | None = Field(
+        None, ge=16, description="Tokens per engine step (default: the engine's)."
+    )
+    ENABLE_CHUNKED_PREFILL: bool = Field(True, description="Split long prompts across engine steps.")
+    TENSOR_PARALLEL_SIZE: int = Field(1, ge=1, description="GPUs per model replica (tensor parallel).")
+    PIPELINE_PARALLEL_SIZE: int = Field(1, ge=1, description="Pipeline stages.")
+    DATA_PARALLEL_SIZE: int = Field(1, ge=1, description="Model replicas in data parallel.")
+    DISTRIBUTED_EXECUTOR_BACKEND: Literal["mp", "ray", "uni", "external_launcher"] | None = Field(
+        None, description="Executor for multi-GPU runs; ray spans several nodes."
+    )
+    IMAGE_LIMIT: int = Field(4, ge=0, description="Images allowed per request (0: no images).")
+    VIDEO_LIMIT: int = Field(1, ge=0, description="Videos allowed per request (0: no video).")
+    DTYPE: Dtype = Field("auto", description="Weight and activation dtype.")
+    QUANTIZATION: str | None = Field(None, description="Quantization method, e.g. awq, gptq, fp8.")
+    TRUST_REMOTE_CODE: bool = Field(False, description="Allow model repositories to run their own code.")
+    ENFORCE_EAGER: bool = Field(False, description="Skip graph capture and compilation: faster start, slower decode.")
+    VLLM_EXTRA_ARGS: str = Field("", description="Extra engine flags, shell-quoted, passed through as they are.")
+    VLLM_CPU_KVCACHE_SPACE: int = Field(
+        4, ge=1, description="KV cache size in GiB on the CPU engine."
+    )
+    ENGINE_STARTUP_TIMEOUT_S: float = Field(
+        1800.0, gt=0, description="Longest time the engine may take to load before startup fails."
+    )
+    ON_STARTUP_FAILURE: Literal["exit", "serve"] = Field(
+        "serve", description="After a failed start: serve the error on every route, or exit non-zero."
+    )
+    ON_ENGINE_FAILURE: Literal["exit", "restart"] = Field(
+        "exit", description="After the engine dies while serving: exit non-zero, or relaunch it in place."
+    )
+    ENGINE_URL: str | None = Field(
+        None, description="Front an engine that runs elsewhere (e.g. http://vllm:8001); no engine is started."
+    )
+
+    # --- Wrapper ---------------------------------------------------------
+    HOST: str = Field("0.0.0.0", description="Address the wrapper binds.")
+    PORT: int = Field(8000, ge=1, le=65535, description="Public port of the wrapper.")
+    PORT_HEALTH: int | None = Field(
+        None, ge=1, le=65535, description="Extra port that serves /ping (RunPod load balancer); default PORT."
+    )
+    WORKERS: int = Field(1, ge=1, le=64, description="Wrapper processes sharing PORT.")
+    API_KEY: SecretStr | None = Field(
+        None, description="Comma-separated keys; when set, inference routes need `Authorization: Bearer KEY`."
+    )
+    PUBLIC_METRICS: bool = Field(False, description="Serve /metrics and /info without the API key.")
+    CORS_ALLOW_ORIGINS: str = Field("", description="Comma-separated origins allowed by CORS (off when empty).")
+
+    # --- Limits and timeouts ----------------------------------------------
+    MAX_CONCURRENT_REQUESTS: int = Field(256, ge=1, description="Requests in flight to the engine at once.")
+    MAX_QUEUE: int = Field(0, ge=0, description="Requests allowed to wait for a slot; beyond it 429 (0: no cap).")
+    QUEUE_TIMEOUT_S: float = Field(30.0, gt=0, description="Longest wait for a slot before 503.")
+    REQUEST_TIMEOUT_S: float = Field(600.0, gt=0, description="Longest time for a whole request before 504.")
+    STREAM_IDLE_TIMEOUT_S: float = Field(120.0, gt=0, description="Longest silence between stream chunks.")
+    SSE_KEEPALIVE_S: float = Field(15.0, gt=0, description="Interval of `: keep-alive` lines before the first token.")
+    DRAIN_TIMEOUT_S: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight requests to finish.")
+    MAX_TOKENS_CAP: int = Field(4096, ge=1, description="Upper bound on max_tokens for /generate.")
+
+    # --- Media -----------------------------------------------------------
+    MAX_REQUEST_BYTES: int = Field(30 * MiB, ge=1024, description="Largest request body (bytes); beyond it 413.")
+    MAX_IMAGE_BYTES: int = Field(10 * MiB, ge=1, description="Largest image, base64 or fetched (bytes); beyond it 413.")
+    MAX_VIDEO_BYTES: int = Field(25 * MiB, ge=1, description="Largest video, base64 or fetched (bytes); beyond it 413.")
+    MAX_IMAGE_PIXELS: int = Field(40_000_000, ge=1, description="Largest decoded image (pixels); bigger is refused as a bomb.")
+    MAX_IMAGE_SIDE: int = Field(
+        2048, ge=0, description="Images with a longer side are downscaled before the engine (0: off)."
+    )
+    ALLOWED_MEDIA_DOMAINS: str = Field("", description="Comma-separated hosts media URLs may use (empty: any public host).")
+    ALLOW_PRIVATE_MEDIA_URLS: bool = Field(
+        False, description="Allow media URLs on loopback, private and link-local addresses."
+    )
+    MEDIA_FETCH_TIMEOUT_S: float = Field(10.0, gt=0, description="Longest time to fetch one media URL.")
+
+    # --- Conversations (/generate) -----------------------------------------
+    CONVERSATIONS_ENABLED: bool = Field(True, description="Store /generate conversations.")
+    CONVERSATIONS_DB_URL: SecretStr | None = Field(
+        None, description="postgresql://… for a shared store (default: SQLite file in the cache directory)."
+    )
+    CONVERSATIONS_TTL_S: float = Field(7 * 24 * 3600.0, gt=0, description="Conversations idle longer are deleted.")
+
+    # --- Logs ------------------------------------------------------------
+    LOG_FORMAT: Literal["json", "text"] = Field("json", description="Log line format.")
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_sources):  # type: ignore[override]
+        # load_settings() hands over the environment explicitly, so tests can pass their own.
+        return (init_settings,)
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator(
+        "MODEL_REVISION", "SERVED_MODEL_NAME", "QUANTIZATION", "ENGINE_URL",
+        "MAX_MODEL_LEN", "MAX_NUM_SEQS", "MAX_BATCHED_TOKENS", "PORT_HEALTH",
+        "DISTRIBUTED_EXECUTOR_BACKEND", "HF_TOKEN", "API_KEY", "CONVERSATIONS_DB_URL",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_model(self) -> Settings:
+        if not self.MODEL_NAME.strip():
+            raise ValueError("MODEL_NAME is empty")
+        return self
+
+    # --- Derived values ---------------------------------------------------
+    @property
+    def served_model_name(self) -> str:
+        return self.SERVED_MODEL_NAME or self.MODEL_NAME
+
+    @property
+    def is_local_model(self) -> bool:
+        return Path(self.MODEL_NAME).is_dir()
+
+    @property
+    def cache_dir(self) -> Path:
+        if RUNPOD_VOLUME.is_dir():
+            return RUNPOD_VOLUME / "huggingface-cache"
+        return self.HF_HOME
+
+    @property
+    def engine_url(self) -> str:
+        return (self.ENGINE_URL or f"http://127.0.0.1:{self.VLLM_PORT}").rstrip("/")
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        if self.API_KEY is None:
+            return ()
+        return tuple(k.strip() for k in self.API_KEY.get_secret_value().split(",") if k.strip())
+
+    @cached_property
+    def lora_modules(self) -> dict[str, str]:
+        return parse_pairs("LORA_MODULES", self.LORA_MODULES)
+
+    @property
+    def allowed_media_domains(self) -> tuple[str, ...]:
+        return split_csv(self.ALLOWED_MEDIA_DOMAINS.lower())
+
+    @property
+    def cors_allow_origins(self) -> tuple[str, ...]:
+        return split_csv(self.CORS_ALLOW_ORIGINS)
+
+    def redacted(self) -> dict[str, object]:
+        """The effective configuration with every secret replaced by a marker."""
+        out: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "**********"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+
+def split_csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def parse_pairs(variable: str, value: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in split_csv(value):
+        name, sep, target = item.partition("=")
+        if not sep or not name.strip() or not target.strip():
+            raise ConfigError(f"{variable}: '{item}' is not name=hub-id-or-path")
+        pairs[name.strip()] = target.strip()
+    return pairs
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read settings from the environment, or fail with one line per bad variable."""
+    env = dict(os.environ if environ is None else environ)
+    known = {name.upper() for name in Settings.model_fields}
+    values = {key: value for key, value in env.items() if key.upper() in known}
+    try:
+        settings = Settings(**{key.upper(): value for key, value in values.items()})
+        _ = settings.lora_modules
+        return settings
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, values)) from None
+
+
+def _describe(exc: ValidationError, values: dict[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
+        secret = name in {"HF_TOKEN", "API_KEY", "CONVERSATIONS_DB_URL"}
+        shown = "" if secret or name not in values else f"={values[name]!r}"
+        lines.append(f"Invalid setting {name}{shown}: {error['msg']}")
+    return "; ".join(lines)
