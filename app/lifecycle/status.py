@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
+# The supervisor tells its wrapper processes where the status file is.
+STATUS_FILE_ENV = "APP_STATUS_FILE"
+
 
 class Phase(str, Enum):
     PREFLIGHT = "preflight"

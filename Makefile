@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make run` serves a model, `make test` runs every test.
+# Both set up what they need first (idempotent: a second run takes seconds).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# `make run` passes the environment through, like the container would receive it.
+# With no MODEL_NAME it serves SmolLM2-135M-Instruct, converted offline by `make models`.
+export MODEL_NAME ?= $(CURDIR)/.models/smollm2-135m-instruct
+export ENFORCE_EAGER ?= true
+
+.PHONY: run test setup system models bench clean
+
+setup:
+	tools/setup_env.sh
+
+system:
+	tools/setup_system.sh
+
+models: setup
+	$(PY) tools/build_test_models.py
+
+run: models
+	PYTHON=$(PY) exec scripts/start.sh
+
+test: system models
+	$(PY) -m pytest tests
+
+bench: models system
+	$(PY) -m bench.run
+
+clean:
+	rm -rf bench/results .pytest_cache

@@ -1,0 +1,268 @@
+"""The container's main process: model preparation, engine and wrapper, supervised.
+
+`scripts/start.sh` execs this module. It starts the wrapper first, so the
+public port answers probes within about a second, then walks the lifecycle
+(preflight, download, engine load) while publishing each phase in the status
+file the wrapper serves. From then on it supervises:
+
+- the wrapper exits → the engine is stopped and the container exits non-zero;
+- the engine dies while serving → ON_ENGINE_FAILURE: exit non-zero, or
+  relaunch it in place;
+- the engine fails to start → the failure becomes one actionable sentence;
+  a memory shortfall is retried once with a smaller footprint; then
+  ON_STARTUP_FAILURE: keep serving the error, or exit non-zero;
+- SIGTERM or SIGINT → the wrapper drains (DRAIN_TIMEOUT_S), the engine
+  stops, and the process exits 0 with no child left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import aiohttp
+
+from app.config import ConfigError, Settings, load_settings
+from app.lifecycle.engine_args import build_engine_args, build_engine_launch
+from app.lifecycle.model_source import PreparedModel, prepare_model
+from app.lifecycle.processes import ChildProcess, describe_exit
+from app.lifecycle.startup_errors import StartupError, classify_engine_failure, is_memory_shortfall
+from app.lifecycle.status import STATUS_FILE_ENV, DownloadProgress, Phase, StartupStatus, write_status
+from app.media import detect_modalities
+from app.observability.logging import configure_logging, install_secret_redaction
+
+log = logging.getLogger("app.lifecycle")
+ENGINE_POLL_S = 0.5
+WRAPPER_STOP_MARGIN_S = 10.0
+ENGINE_STOP_TIMEOUT_S = 15.0
+ERROR_TAIL_LINES = 8
+
+
+class StatusBoard:
+    """The published startup status; written from the event loop and the download thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.status = StartupStatus()
+        self._lock = threading.Lock()
+        self.publish()
+
+    def publish(self) -> None:
+        with self._lock:
+            write_status(self.path, self.status)
+
+    def enter(self, phase: Phase, error: str | None = None) -> None:
+        with self._lock:
+            if self.status.phase != phase or error:
+                self.status.enter(phase, error)
+                log.info("phase", extra={"phase": phase.value, "error": error})
+            write_status(self.path, self.status)
+
+    def progress(self, progress: DownloadProgress) -> None:
+        with self._lock:
+            self.status.download = progress
+            write_status(self.path, self.status)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, runtime_dir: Path) -> None:
+        self.settings = settings
+        self.runtime_dir = runtime_dir
+        self.board = StatusBoard(runtime_dir / "status.json")
+        self.wrappers: list[ChildProcess] = []
+        self.engine: ChildProcess | None = None
+        self.stopping = asyncio.Event()
+        self.session: aiohttp.ClientSession | None = None
+
+    # --- main loop ----------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        self.session = aiohttp.ClientSession()
+        try:
+            await self._start_wrappers()
+            lifecycle = asyncio.ensure_future(self._lifecycle())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            wrapper_exits = {asyncio.ensure_future(w.wait()): w for w in self.wrappers}
+            done, _ = await asyncio.wait({lifecycle, stop, *wrapper_exits}, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                lifecycle.cancel()
+                return await self._shutdown(0, drain=True)
+            for task, wrapper in wrapper_exits.items():
+                if task in done:
+                    log.error("wrapper stopped; stopping the engine",
+                              extra={"process": wrapper.name, "exit": describe_exit(task.result())})
+                    lifecycle.cancel()
+                    return await self._shutdown(1, drain=False)
+            return await self._shutdown(lifecycle.result(), drain=False)
+        finally:
+            await self.session.close()
+
+    def _on_signal(self, signum: int) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: stopping now", extra={"signal": signal.Signals(signum).name})
+            for child in [*self.wrappers, self.engine]:
+                if child is not None:
+                    child.signal(signal.SIGKILL)
+            return
+        log.info("stop requested", extra={"signal": signal.Signals(signum).name})
+        self.stopping.set()
+
+    async def _shutdown(self, code: int, drain: bool) -> int:
+        if drain:
+            self.board.enter(Phase.DRAINING)
+        for wrapper in self.wrappers:
+            wrapper.signal(signal.SIGTERM)
+        wrapper_timeout = self.settings.DRAIN_TIMEOUT_S + WRAPPER_STOP_MARGIN_S
+        await asyncio.gather(*(w.stop(wrapper_timeout) for w in self.wrappers))
+        if self.engine is not None:
+            await self.engine.stop(ENGINE_STOP_TIMEOUT_S)
+        log.info("stopped", extra={"exit_code": code})
+        return code
+
+    # --- wrapper ------------------------------------------------------------
+    async def _start_wrappers(self) -> None:
+        env = {**os.environ, STATUS_FILE_ENV: str(self.board.path)}
+        if self.settings.WORKERS > 1:
+            metrics_dir = self.runtime_dir / "metrics"
+            metrics_dir.mkdir(exist_ok=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        for index in range(self.settings.WORKERS):
+            wrapper = ChildProcess(f"wrapper-{index}", [sys.executable, "-m", "app.serve"], env, capture_output=False)
+            await wrapper.start()
+            self.wrappers.append(wrapper)
+
+    # --- lifecycle ------------------------------------------------------------
+    async def _lifecycle(self) -> int:
+        """Returns an exit code when the container should stop; otherwise runs until cancelled."""
+        if self.settings.ENGINE_URL:
+            self.board.enter(Phase.LOADING)
+            await self._wait_until_healthy(None, timeout_s=None)
+            self.board.enter(Phase.READY)
+            return await self._forever()
+        try:
+            prepared = await self._prepare_model()
+        except StartupError as error:
+            return await self._startup_failed(str(error))
+        self.board.status.resolved_revision = prepared.revision
+        self.board.status.model_path = str(prepared.path)
+        modalities = detect_modalities(prepared.path)
+        settings = self.settings
+        retried = False
+        while True:
+            self.board.enter(Phase.LOADING)
+            launch = build_engine_launch(settings, prepared.path, modalities, prepared.lora_paths)
+            log.info("starting engine", extra={"device": launch.device, "argv": launch.argv[1:]})
+            self.engine = ChildProcess("engine", launch.argv, launch.env, capture_output=True)
+            await self.engine.start()
+            outcome = await self._wait_until_healthy(self.engine, settings.ENGINE_STARTUP_TIMEOUT_S)
+            if outcome == "ready":
+                self.board.enter(Phase.READY)
+                log.info("ready", extra={"phase_seconds": self.board.status.to_json()["phase_seconds"]})
+                code = await self.engine.wait()
+                message = f"Engine {describe_exit(code)} while serving."
+                log.error("engine died", extra={"exit": describe_exit(code), "last_lines": list(self.engine.tail)[-ERROR_TAIL_LINES:]})
+                if self.settings.ON_ENGINE_FAILURE == "restart":
+                    self.board.status.engine_restarts += 1
+                    self.board.enter(Phase.FAILED, message)
+                    log.warning("restarting engine (ON_ENGINE_FAILURE=restart)")
+                    continue
+                self.board.enter(Phase.FAILED, message + " Exiting (ON_ENGINE_FAILURE=exit).")
+                return 1
+            if outcome == "timeout":
+                await self.engine.stop(ENGINE_STOP_TIMEOUT_S)
+                return await self._startup_failed(
+                    f"The engine did not become healthy within ENGINE_STARTUP_TIMEOUT_S={settings.ENGINE_STARTUP_TIMEOUT_S:g}s; "
+                    "raise it for large models or slow disks."
+                )
+            lines = list(self.engine.tail)
+            if is_memory_shortfall(lines) and not retried:
+                retried = True
+                settings = _smaller_footprint(settings)
+                log.warning("engine ran out of memory while starting; retrying once with a smaller footprint",
+                            extra={"enforce_eager": True, "max_batched_tokens": settings.MAX_BATCHED_TOKENS})
+                continue
+            sentence = classify_engine_failure(lines, self.settings)
+            if sentence is None:
+                sentence = f"The engine {outcome} during startup. Last lines: " + " | ".join(lines[-ERROR_TAIL_LINES:])
+            return await self._startup_failed(sentence)
+
+    async def _prepare_model(self) -> PreparedModel:
+        """Runs the blocking download in a daemon thread, so a stop never waits for it."""
+        future: Future[PreparedModel] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(prepare_model(self.settings, self.board.enter, self.board.progress))
+            except BaseException as error:  # handed to the event loop below
+                future.set_exception(error)
+
+        threading.Thread(target=work, name="model-download", daemon=True).start()
+        return await asyncio.wrap_future(future)
+
+    async def _wait_until_healthy(self, engine: ChildProcess | None, timeout_s: float | None) -> str:
+        """'ready', 'timeout', or how the engine exited."""
+        assert self.session is not None
+        url = f"{self.settings.engine_url}/health"
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if engine is not None and engine.process is not None and engine.process.returncode is not None:
+                await engine.wait()
+                return describe_exit(engine.process.returncode)
+            try:
+                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
+                    if response.status == 200:
+                        return "ready"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            if deadline is not None and time.monotonic() > deadline:
+                return "timeout"
+            await asyncio.sleep(ENGINE_POLL_S)
+
+    async def _startup_failed(self, sentence: str) -> int:
+        self.board.enter(Phase.FAILED, sentence)
+        log.error("startup failed", extra={"error": sentence, "on_startup_failure": self.settings.ON_STARTUP_FAILURE})
+        if self.settings.ON_STARTUP_FAILURE == "exit":
+            return 1
+        return await self._forever()
+
+    async def _forever(self) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+
+def _smaller_footprint(settings: Settings) -> Settings:
+    update: dict[str, object] = {"ENFORCE_EAGER": True}
+    if settings.ENABLE_CHUNKED_PREFILL:
+        update["MAX_BATCHED_TOKENS"] = min(settings.MAX_BATCHED_TOKENS or 2048, 1024)
+    return settings.model_copy(update=update)
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+        build_engine_args(settings, settings.MODEL_NAME, frozenset())
+    except ConfigError as error:
+        print(f"vllm-inference-api: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
+    install_secret_redaction([s for s in (settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None, *settings.api_keys) if s])
+    runtime_dir = Path(tempfile.mkdtemp(prefix="vllm-inference-api-"))
+    try:
+        return asyncio.run(Supervisor(settings, runtime_dir).run())
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

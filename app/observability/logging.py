@@ -1,0 +1,204 @@
+"""Every line the container writes: one JSON object per line (or text with LOG_FORMAT=text).
+
+Log collectors (RunPod, Docker, Loki, CloudWatch) index JSON lines without
+parsing rules, so the wrapper's own logs, uvicorn's, and the engine's output
+(forwarded line by line by the supervisor) all go through one handler with one
+formatter. Every JSON line has `timestamp` (ISO 8601, UTC), `level`, `logger`
+and `message`, plus the record's extra fields.
+
+Secrets are never passed to a logger; as a second line of defence a filter on
+that handler replaces the values of known secrets (HF_TOKEN, API keys) in
+messages, arguments, extra fields and tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+REDACTED = "[REDACTED]"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ENGINE_LOGGER = "engine"
+
+# uvicorn attaches an ANSI-coloured copy of some messages; it is noise in a log store.
+_SKIPPED_EXTRAS = frozenset(RESERVED_ATTRS) | {"color_message", "taskName"}
+# Attributes every LogRecord has; anything else on a record is an extra field.
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines for reading in a terminal, extra fields appended as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(
+            f"{key}={value}" for key, value in record.__dict__.items() if key not in _SKIPPED_EXTRAS
+        )
+        return f"{line} {extras}" if extras else line
+
+
+def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.Formatter:
+    """The formatter for LOG_FORMAT; a dictConfig factory.
+
+    `use_colors` is accepted because uvicorn writes it into the "default" and
+    "access" formatters of a log config when it is given `use_colors`; neither
+    format uses colours.
+    """
+    if log_format == "text":
+        return TextFormatter(TEXT_FORMAT)
+    if log_format != "json":
+        raise ValueError(f"LOG_FORMAT={log_format!r} is not supported; use json or text")
+    return JsonFormatter(
+        "%(levelname)s %(name)s %(message)s",
+        rename_fields={"levelname": "level", "name": "logger"},
+        # timestamp=True adds the key last; the default puts it first in each line.
+        defaults={"timestamp": None},
+        timestamp=True,
+        reserved_attrs=sorted(_SKIPPED_EXTRAS),
+        json_ensure_ascii=False,
+    )
+
+
+class SecretRedactionFilter(logging.Filter):
+    """Replaces the values of known secrets in a record before any formatter sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pattern: re.Pattern[str] | None = None
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        values = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
+
+    def redact(self, text: str) -> str:
+        return text if self._pattern is None else self._pattern.sub(REDACTED, text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._pattern is None:
+            return True
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            # Arguments that do not fit the format: keep both, redacted.
+            message = f"{record.msg} {record.args!r}"
+        record.msg = self.redact(message)
+        record.args = ()
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS:
+                record.__dict__[key] = self._redact_value(value)
+        if record.exc_info:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+    def _redact_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {key: self._redact_value(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._redact_value(item) for item in value)
+        return value
+
+
+# One filter for the whole process, so secrets installed before or after
+# logging is (re)configured are redacted on whichever handler is current.
+_SECRET_FILTER = SecretRedactionFilter()
+
+
+def secret_redaction_filter() -> SecretRedactionFilter:
+    """The process's redaction filter; a dictConfig factory."""
+    return _SECRET_FILTER
+
+
+def install_secret_redaction(secrets: Iterable[str]) -> None:
+    """Redact these values from every log line of this process (replaces the previous set)."""
+    _SECRET_FILTER.set_secrets(secrets)
+
+
+def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
+    """A logging dictConfig for `uvicorn.Config(log_config=...)`: everything to stdout in LOG_FORMAT.
+
+    uvicorn's access log is silenced: the wrapper writes its own summary line
+    per request (logger `app.access`). Pass `access_log=False` to uvicorn too,
+    which skips building those records at all.
+    """
+    formatter = {"()": f"{__name__}.build_formatter", "log_format": log_format}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        # uvicorn expects these two names when it is given use_colors.
+        "formatters": {"default": formatter, "access": dict(formatter)},
+        "filters": {"redact_secrets": {"()": f"{__name__}.secret_redaction_filter"}},
+        "handlers": {
+            "stdout": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stdout",
+                "formatter": "default",
+                "filters": ["redact_secrets"],
+            }
+        },
+        "root": {"handlers": ["stdout"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True, "level": level.upper()},
+            "uvicorn.error": {"handlers": [], "propagate": True, "level": level.upper()},
+            "uvicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(log_format: str, level: str) -> None:
+    """Send every logger of this process to stdout in LOG_FORMAT at LOG_LEVEL; safe to call again."""
+    logging.config.dictConfig(uvicorn_log_config(log_format, level))
+    # Python warnings become log records too, instead of raw text on stderr.
+    logging.captureWarnings(True)
+
+
+# --- Engine output -----------------------------------------------------------------
+
+# vLLM: "(APIServer pid=10114) INFO 11-26 01:06:29 [api_utils.py:347] message"
+_VLLM_LINE = re.compile(
+    r"^(?:\((?P<process>[^)]*)\)\s+)?(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+"
+    r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?\s+\[(?P<source>[^\]]*)\]\s?(?P<message>.*)$"
+)
+# uvicorn inside the engine: "INFO:     127.0.0.1:52050 - "POST /v1/completions HTTP/1.1" 200 OK"
+_UVICORN_LINE = re.compile(
+    r"^(?:\((?P<process>[^)]*)\)\s+)?(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL):\s+(?P<message>.*)$"
+)
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_engine_logger = logging.getLogger(ENGINE_LOGGER)
+
+
+def log_engine_line(line: str, stream: str | None = None) -> None:
+    """Log one line of the engine's output as a record of logger "engine".
+
+    The engine's own level is kept when the line carries one. Other lines
+    (warnings, tracebacks, progress bars) get INFO, or WARNING when `stream`
+    says they came from stderr; `stream` is added to the record when given.
+    """
+    text = _ANSI_ESCAPE.sub("", line.rstrip("\r\n"))
+    if not text.strip():
+        return
+    extra: dict[str, str] = {} if stream is None else {"stream": stream}
+    match = _VLLM_LINE.match(text) or _UVICORN_LINE.match(text)
+    if match is None:
+        level = logging.WARNING if stream == "stderr" else logging.INFO
+        message = text
+    else:
+        level = logging.getLevelName(match["level"])
+        message = match["message"]
+        if match["process"]:
+            extra["engine_process"] = match["process"]
+        if match.re is _VLLM_LINE:
+            extra["engine_source"] = match["source"]
+    _engine_logger.log(level, message, extra=extra)

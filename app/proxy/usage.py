@@ -1,0 +1,73 @@
+"""Token accounting on relayed streams without changing what the client sees.
+
+The wrapper logs and counts tokens for every request, and for streams the only
+exact source is the engine's usage block. When a client did not ask for it
+(`stream_options.include_usage`), the proxy asks on its behalf and this filter
+takes that extra event back out of the byte stream before relaying, so the
+client receives exactly the stream it asked for.
+
+Scanning is a single substring test per chunk; events are only split and
+parsed in the rare chunk that carries the usage block.
+"""
+
+from __future__ import annotations
+
+import json
+
+USAGE_KEY = b'"usage":{'
+EVENT_END = b"\n\n"
+
+
+class UsageFilter:
+    def __init__(self, strip: bool) -> None:
+        self.strip = strip
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self._held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Returns the bytes to relay now; may hold back an incomplete usage event."""
+        if self._held:
+            chunk, self._held = self._held + chunk, b""
+        elif USAGE_KEY not in chunk:
+            return chunk
+        start = chunk.find(USAGE_KEY)
+        if start < 0:
+            return chunk
+        event_start = chunk.rfind(EVENT_END, 0, start)
+        event_start = 0 if event_start < 0 else event_start + len(EVENT_END)
+        event_end = chunk.find(EVENT_END, start)
+        if event_end < 0:
+            self._held = chunk[event_start:]
+            return chunk[:event_start]
+        event_end += len(EVENT_END)
+        self._read_usage(chunk[event_start:event_end])
+        if self.strip:
+            return chunk[:event_start] + self.feed(chunk[event_end:]) if event_end < len(chunk) else chunk[:event_start]
+        return chunk
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+    def _read_usage(self, event: bytes) -> None:
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                usage = json.loads(line[5:]).get("usage") or {}
+            except (ValueError, AttributeError):
+                return
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+
+
+def read_json_usage(body: bytes) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) of a non-streaming JSON reply."""
+    if USAGE_KEY[:-1] not in body:
+        return None, None
+    try:
+        usage = json.loads(body).get("usage") or {}
+    except (ValueError, AttributeError):
+        return None, None
+    return usage.get("prompt_tokens"), usage.get("completion_tokens")

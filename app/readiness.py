@@ -1,0 +1,87 @@
+"""What the wrapper tells probes: the lifecycle phase plus a live engine check.
+
+The supervisor publishes the lifecycle phase (preflight, downloading, loading,
+ready, failed) in the status file; this wrapper process adds what only it
+knows: whether it is draining, and whether the engine answers its own
+`/health` right now. A ready lifecycle with a silent engine is reported as
+`engine_unavailable`, so probes never claim a health the engine lacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from app.lifecycle.status import Phase, StartupStatus, read_status
+
+ENGINE_UNAVAILABLE = "engine_unavailable"
+ENGINE_CHECK_TTL_S = 0.5
+ENGINE_CHECK_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    phase: str
+    status: StartupStatus | None
+    engine_healthy: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == Phase.READY.value
+
+    @property
+    def initializing(self) -> bool:
+        return self.phase in (Phase.PREFLIGHT.value, Phase.DOWNLOADING.value, Phase.LOADING.value)
+
+
+class Readiness:
+    def __init__(self, status_file: Path | None, engine_url: str) -> None:
+        self.status_file = status_file
+        self.engine_url = engine_url
+        self.draining = False
+        self._session: aiohttp.ClientSession | None = None
+        self._checked_at = 0.0
+        self._engine_ok = False
+        self._check_lock = asyncio.Lock()
+
+    def bind(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    def lifecycle(self) -> StartupStatus | None:
+        return read_status(self.status_file) if self.status_file else None
+
+    async def engine_healthy(self) -> bool:
+        if time.monotonic() - self._checked_at < ENGINE_CHECK_TTL_S:
+            return self._engine_ok
+        async with self._check_lock:
+            if time.monotonic() - self._checked_at >= ENGINE_CHECK_TTL_S:
+                self._engine_ok = await self._probe_engine()
+                self._checked_at = time.monotonic()
+        return self._engine_ok
+
+    async def _probe_engine(self) -> bool:
+        assert self._session is not None, "Readiness.bind() was not called"
+        try:
+            timeout = aiohttp.ClientTimeout(total=ENGINE_CHECK_TIMEOUT_S)
+            async with self._session.get(f"{self.engine_url}/health", timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    def mark_engine_failed(self) -> None:
+        """Called when a relayed request saw the engine vanish: re-check on next probe."""
+        self._checked_at = 0.0
+
+    async def snapshot(self) -> Snapshot:
+        status = self.lifecycle()
+        if self.draining:
+            return Snapshot(Phase.DRAINING.value, status, False)
+        phase = status.phase.value if status else Phase.READY.value
+        if phase != Phase.READY.value:
+            return Snapshot(phase, status, False)
+        healthy = await self.engine_healthy()
+        return Snapshot(phase if healthy else ENGINE_UNAVAILABLE, status, healthy)

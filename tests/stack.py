@@ -1,0 +1,137 @@
+"""Start the real stack (`scripts/start.sh`) as a subprocess for end-to-end tests.
+
+The stack is started exactly as the container starts it: the entrypoint, the
+supervisor, the CPU engine and the wrapper, configured by environment
+variables only. Its JSON log lines go to a file so tests can read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("TEST_MODELS_DIR", ROOT / ".models"))
+START_SH = ROOT / "scripts" / "start.sh"
+ENGINE_READY_TIMEOUT_S = 420.0
+
+# Small and fast on two CPU cores: eager mode (no compile), a 1 GiB KV cache.
+CPU_ENGINE_ENV = {
+    "DEVICE": "cpu",
+    "ENFORCE_EAGER": "true",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": "2",
+    "LOG_FORMAT": "json",
+    "LOG_LEVEL": "DEBUG",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    engine_url: str
+    log_path: Path
+    env: dict[str, str]
+    _log_file: object = field(repr=False, default=None)
+    health_history: list[int] = field(default_factory=list)
+
+    def logs(self) -> list[dict[str, object]]:
+        """Every JSON line the stack wrote so far (non-JSON lines fail the caller's checks)."""
+        lines = []
+        for raw in self.log_path.read_text(errors="replace").splitlines():
+            if raw.strip():
+                lines.append(json.loads(raw))
+        return lines
+
+    def raw_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def request_lines(self) -> list[dict[str, object]]:
+        return [line for line in self.logs() if line.get("logger") == "app.access"]
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_ready(self, timeout_s: float = ENGINE_READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"stack exited with {self.process.returncode}:\n{self.raw_log()[-4000:]}")
+            try:
+                status = httpx.get(f"{self.base_url}/health", timeout=2).status_code
+            except httpx.HTTPError:
+                status = 0
+            self.health_history.append(status)
+            if status == 200:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"stack not ready after {timeout_s}s:\n{self.raw_log()[-4000:]}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout_s: float = 90.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.process.pid)
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    for child in parent.children(recursive=True):
+        child.kill()
+    parent.kill()
+
+
+def start_stack(
+    model: str | Path,
+    port: int,
+    vllm_port: int,
+    log_path: Path,
+    extra_env: Mapping[str, str] | None = None,
+    wait: bool = True,
+) -> Stack:
+    """Start `scripts/start.sh` for `model`; with `wait`, return once /health is 200."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("VLLM_", "MODEL_"))}
+    env.update(CPU_ENGINE_ENV)
+    env.update({"MODEL_NAME": str(model), "PORT": str(port), "VLLM_PORT": str(vllm_port), "HOST": "127.0.0.1"})
+    env.update(extra_env or {})
+    env["PYTHON"] = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else env.get("PYTHON", "python3")
+    log_file = open(log_path, "wb")
+    process = subprocess.Popen(["bash", str(START_SH)], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+    engine_url = env.get("ENGINE_URL") or f"http://127.0.0.1:{vllm_port}"
+    stack = Stack(process, f"http://127.0.0.1:{port}", engine_url, log_path, env, log_file)
+    if wait:
+        try:
+            stack.wait_ready()
+        except BaseException:
+            stack.stop(signal.SIGKILL)
+            kill_tree(process.pid)
+            raise
+    return stack
+
+
+def model_dir(name: str) -> Path:
+    path = MODELS / name
+    if not (path / "config.json").exists():
+        raise RuntimeError(f"{path} is missing: run `make models` (tools/build_test_models.py) first")
+    return path
