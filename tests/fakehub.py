@@ -16,8 +16,8 @@ point huggingface_hub at it with HF_ENDPOINT=hub.url.
 
 Knobs for tests: count requests (total, per "METHOD path") and file bytes
 served; cut or stall the next file response after N bytes; throttle file
-bytes; answer every request with a status (5xx); close() makes the port
-refuse connections.
+bytes; answer requests with a status (5xx) with fail(); close() makes the
+port refuse connections.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+import pytest
+from huggingface_hub import constants
 
 LFS_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf"}
 BLOCK = 256 * 1024
@@ -93,18 +96,20 @@ class FakeHub:
         }
         self.tokens = tokens or {}
         self.fail_status: int | None = None
+        self.fail_remaining: int | None = None
         self.cut_after_bytes: int | None = None
         self.stall_after_bytes: int | None = None
         self.bytes_per_second: float | None = None
         self.requests: Counter[str] = Counter()
-        self.bytes_served = 0
-        self.auth_headers: list[str] = []
+        self.bytes_served: Counter[str] = Counter()  # file bytes sent, by repo path
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
         self._server.block_on_close = False
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fakehub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fakehub", daemon=True
+        )
         self._thread.start()
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -115,7 +120,12 @@ class FakeHub:
     def reset_counters(self) -> None:
         with self._lock:
             self.requests.clear()
-            self.bytes_served = 0
+            self.bytes_served.clear()
+
+    def fail(self, status: int, times: int | None = None) -> None:
+        """Answer the next `times` requests (all when None) with `status`."""
+        with self._lock:
+            self.fail_status, self.fail_remaining = status, times
 
     def close(self) -> None:
         """Stop serving; the port then refuses connections."""
@@ -130,6 +140,15 @@ class FakeHub:
         self.close()
 
     # --- used by the handler ------------------------------------------------
+    def _take_failure(self) -> int | None:
+        with self._lock:
+            status = self.fail_status
+            if status is not None and self.fail_remaining is not None:
+                self.fail_remaining -= 1
+                if self.fail_remaining <= 0:
+                    self.fail_status = self.fail_remaining = None
+            return status
+
     def _take_interruption(self) -> tuple[int | None, str]:
         """The one-shot cut or stall for the next file response."""
         with self._lock:
@@ -141,14 +160,13 @@ class FakeHub:
                 return limit, "stall"
         return None, ""
 
-    def _count(self, key: str, body_bytes: int = 0) -> None:
+    def _count(self, key: str) -> None:
         with self._lock:
             self.requests[key] += 1
-            self.bytes_served += body_bytes
 
-    def _add_bytes(self, count: int) -> None:
+    def _add_bytes(self, path: str, count: int) -> None:
         with self._lock:
-            self.bytes_served += count
+            self.bytes_served[path] += count
 
 
 def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -168,9 +186,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _serve(self, head: bool) -> None:
             path = urlsplit(self.path).path
             hub._count(f"{self.command} {unquote(path)}")
-            hub.auth_headers.append(self.headers.get("Authorization", ""))
-            if hub.fail_status is not None:
-                self._error(hub.fail_status, None, "Internal Error - We're working hard to fix this as soon as possible!")
+            if (status := hub._take_failure()) is not None:
+                self._error(status, None, "Internal Error - We're working hard to fix this as soon as possible!")
                 return
             token = self._token()
             if token is not None and token not in hub.tokens:
@@ -286,7 +303,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(block)
                     self.wfile.flush()
                     sent += len(block)
-                    hub._add_bytes(len(block))
+                    hub._add_bytes(file.path, len(block))
                     if limit is not None and sent >= limit:
                         break
                     if hub.bytes_per_second:
@@ -319,3 +336,15 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
     return Handler
+
+
+def hub_environment(hub: FakeHub) -> dict[str, str]:
+    """Environment for a process that talks to this hub (and skips the telemetry look-up at huggingface.co)."""
+    return {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def use_in_process(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process at the hub; huggingface_hub read its telemetry switch at import, so set that too."""
+    for name, value in hub_environment(hub).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)

@@ -34,6 +34,7 @@ from app.generate.engine import ChatMessage, ChatStream, count_prompt_tokens, op
 from app.generate.history import FittedPrompt, fit_history
 from app.generate.json_reply import parse_json_reply
 from app.generate.schemas import (
+    DEFAULT_MAX_TOKENS,
     ConversationDeletedOut,
     ConversationListOut,
     ConversationOut,
@@ -84,6 +85,14 @@ def _not_found(conversation_id: str, store: ConversationStore) -> APIError:
         param="conversation_id",
         code="conversation_not_found",
     )
+
+
+def _effective_max_tokens(requested: int | None, cap: int, model_max_len: int | None) -> int:
+    if requested is not None:
+        return min(requested, cap)
+    default = min(DEFAULT_MAX_TOKENS, cap)
+    # Without an explicit value, a small context still leaves room for the prompt.
+    return default if model_max_len is None else max(1, min(default, model_max_len // 2))
 
 
 def _ms(seconds: float) -> float:
@@ -166,7 +175,7 @@ class _Generation:
             response_json=value,
             response_is_json=is_json,
             max_tokens=self._max_tokens,
-            max_tokens_clamped=self._body.max_tokens > self._max_tokens,
+            max_tokens_clamped=self._body.max_tokens is not None and self._body.max_tokens > self._max_tokens,
             history_truncated=self._fitted.truncated,
         )
 
@@ -240,7 +249,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse 
         record.model = settings.served_model_name
         record.stream = body.stream
 
-    max_tokens = min(body.max_tokens, settings.MAX_TOKENS_CAP)
+    max_tokens = _effective_max_tokens(body.max_tokens, settings.MAX_TOKENS_CAP, model_max_len)
     if model_max_len is not None and max_tokens >= model_max_len:
         raise APIError(
             400,

@@ -30,8 +30,11 @@ class GenerateRequest(BaseModel):
     system: str | None = Field(
         None, description="System prompt; kept with the conversation and used for its later turns."
     )
-    max_tokens: int = Field(
-        DEFAULT_MAX_TOKENS, ge=1, description="Most tokens to generate; lowered to MAX_TOKENS_CAP when above it."
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=f"Most tokens to generate (default: {DEFAULT_MAX_TOKENS}, at most half the context); "
+        "lowered to MAX_TOKENS_CAP when above it.",
     )
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature (0: greedy).")
     stream: bool = Field(False, description="Send the reply as server-sent events while it is generated.")

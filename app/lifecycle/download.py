@@ -138,6 +138,7 @@ def download_snapshots(
             except (HfHubHTTPError, httpx2.TransportError, LocalEntryNotFoundError, OSError) as exc:
                 logger.warning("download failed", exc_info=True, extra={"repo": listing.repo.repo_id})
                 raise StartupError(_describe_failure(exc, listing.repo, hub_cache, token, endpoint)) from None
+            _record_ref(_storage(hub_cache, listing.repo.repo_id), listing.repo.revision, listing.commit)
             snapshots.append(Snapshot(path=Path(path), commit=listing.commit))
     return snapshots
 
@@ -158,6 +159,22 @@ def _partial_blobs(blobs: Path) -> dict[str, list[Path]]:
         for path in blobs.glob("*.incomplete"):
             partials.setdefault(path.name.split(".", 1)[0], []).append(path)
     return partials
+
+
+def _record_ref(storage: Path, revision: str | None, commit: str) -> None:
+    """Point refs/<branch or tag> at the commit, as huggingface_hub does, so the next start resolves it offline.
+
+    The download is pinned to the commit the preflight saw (a branch may move meanwhile), so the
+    library itself never writes this ref.
+    """
+    ref = revision or "main"
+    if REGEX_COMMIT_HASH.fullmatch(ref):
+        return
+    ref_file = storage / "refs" / ref
+    ref_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref_file.with_name(f"{ref_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(commit)
+    os.replace(tmp, ref_file)
 
 
 def _blob_sizes(blobs: Path) -> tuple[set[str], dict[str, int]]:

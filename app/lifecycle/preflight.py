@@ -32,8 +32,9 @@ from app.lifecycle.startup_errors import StartupError
 
 logger = logging.getLogger(__name__)
 
-# A fatal answer needs at most two requests, so it arrives within 15 s.
-REQUEST_TIMEOUT_S = 7.0
+# A fatal answer needs at most two requests (plus huggingface_hub's own 3 s telemetry look-up
+# unless HF_HUB_DISABLE_TELEMETRY is set), so it arrives within 15 s.
+REQUEST_TIMEOUT_S = 5.0
 # Waits between listing attempts once the preflight found the Hub unreachable.
 RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 

@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 from app.errors import APIError
+from app.observability import metrics
 
 
 class Admission:
@@ -46,9 +47,15 @@ class Admission:
         started = time.perf_counter()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        metrics.queue_entered()
         try:
-            await asyncio.wait_for(waiter, self.queue_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.queue_timeout_s):
+                await waiter
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # a slot was handed over just as we gave up: pass it on
+            if not isinstance(error, TimeoutError):
+                raise
             raise APIError(
                 503,
                 f"Request waited {self.queue_timeout_s:g}s for a free slot (QUEUE_TIMEOUT_S) and timed out. Retry later.",
@@ -56,14 +63,10 @@ class Admission:
                 cause="rejected",
                 headers={"Retry-After": str(max(1, round(self.queue_timeout_s / 2)))},
             ) from None
-        except BaseException:
-            # Cancelled while waiting (client gone): pass on a slot we were just handed.
-            if waiter.done() and not waiter.cancelled():
-                self.release()
-            raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            metrics.queue_left(time.perf_counter() - started)
         return time.perf_counter() - started
 
     def release(self) -> None:

@@ -6,8 +6,8 @@ exact source is the engine's usage block. When a client did not ask for it
 takes that extra event back out of the byte stream before relaying, so the
 client receives exactly the stream it asked for.
 
-Scanning is a single substring test per chunk; events are only split and
-parsed in the rare chunk that carries the usage block.
+Per chunk this costs a suffix test and a substring search; events are only
+split and parsed in the one chunk that carries the usage block.
 """
 
 from __future__ import annotations
@@ -26,24 +26,22 @@ class UsageFilter:
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        """Returns the bytes to relay now; may hold back an incomplete usage event."""
+        """Returns the complete events to relay now; a trailing partial event waits for its end."""
         if self._held:
             chunk, self._held = self._held + chunk, b""
-        elif USAGE_KEY not in chunk:
-            return chunk
+        if not chunk.endswith(EVENT_END):
+            boundary = chunk.rfind(EVENT_END)
+            cut = 0 if boundary < 0 else boundary + len(EVENT_END)
+            chunk, self._held = chunk[:cut], chunk[cut:]
         start = chunk.find(USAGE_KEY)
         if start < 0:
             return chunk
         event_start = chunk.rfind(EVENT_END, 0, start)
         event_start = 0 if event_start < 0 else event_start + len(EVENT_END)
-        event_end = chunk.find(EVENT_END, start)
-        if event_end < 0:
-            self._held = chunk[event_start:]
-            return chunk[:event_start]
-        event_end += len(EVENT_END)
+        event_end = chunk.find(EVENT_END, start) + len(EVENT_END)
         self._read_usage(chunk[event_start:event_end])
         if self.strip:
-            return chunk[:event_start] + self.feed(chunk[event_end:]) if event_end < len(chunk) else chunk[:event_start]
+            return chunk[:event_start] + chunk[event_end:]
         return chunk
 
     def flush(self) -> bytes:

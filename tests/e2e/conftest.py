@@ -38,7 +38,7 @@ def text_stack(logs_dir: Path) -> Iterator[Stack]:
     """Tiny random-weight Llama behind the full stack, served as `tiny-chat`."""
     stack = start_stack(
         model_dir("tiny-llama"), port=9001, vllm_port=9002, log_path=logs_dir / "text.log",
-        extra_env={"SERVED_MODEL_NAME": TEXT_MODEL, "MAX_MODEL_LEN": "512", "MAX_NUM_SEQS": "32"},
+        extra_env={"SERVED_MODEL_NAME": TEXT_MODEL, "MAX_MODEL_LEN": "2048", "MAX_NUM_SEQS": "64"},
     )
     yield stack
     _stop(stack)

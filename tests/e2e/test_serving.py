@@ -71,10 +71,10 @@ def test_completions_endpoint(text_stack: Stack) -> None:
 def test_prompt_over_max_model_len_is_a_400_from_the_engine(text_stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         client(text_stack).chat.completions.create(
-            model=TEXT_MODEL, messages=[{"role": "user", "content": "word " * 2000}], max_tokens=4,
+            model=TEXT_MODEL, messages=[{"role": "user", "content": "word " * 5000}], max_tokens=4,
         )
     assert raised.value.status_code == 400
-    assert "512" in raised.value.message and "context" in raised.value.message.lower()
+    assert "2048" in raised.value.message and "context" in raised.value.message.lower()
     assert httpx.get(f"{text_stack.base_url}/health").status_code == 200
 
 

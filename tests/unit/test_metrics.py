@@ -174,7 +174,7 @@ async def test_hanging_engine_is_cut_after_the_timeout(session: aiohttp.ClientSe
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("status", "content_type", "text"),
-    [(503, "text/plain", "loading"), (200, "text/html", "<html>not an engine</html>")],
+    [(503, "text/plain", "model still loading"), (200, "text/html", "<html>not an engine</html>")],
 )
 async def test_answers_that_are_not_engine_metrics_are_left_out(
     session: aiohttp.ClientSession, status: int, content_type: str, text: str
@@ -352,11 +352,39 @@ WORKER = textwrap.dedent(
         record.status, record.model, record.completion_tokens = 200, "tiny-llama", 3
         record.finished = record.started + 0.1
         metrics.observe_request(record)
-    metrics.request_started()
+        metrics.request_started()
     print("ready", flush=True)
     sys.stdin.read()  # serve until the test closes stdin
     """
 )
+
+
+class Workers:
+    """Wrapper worker processes sharing one PROMETHEUS_MULTIPROC_DIR, each with requests in flight."""
+
+    def __init__(self, directory: Path, requests: list[int]) -> None:
+        env = {**os.environ, metrics.MULTIPROC_DIR_ENV: str(directory), "PYTHONPATH": str(ROOT)}
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(directory), str(count)],
+                env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            for count in requests
+        ]
+
+    def __enter__(self) -> Workers:
+        for process in self.processes:
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for process in self.processes:
+            process.communicate(input="", timeout=30)
+
+
+async def scrape_directory(session: aiohttp.ClientSession, directory: Path) -> dict[str, object]:
+    metrics.setup_metrics(directory)
+    return parse((await metrics.render_metrics(session, f"http://127.0.0.1:{closed_port()}"))[0])
 
 
 @pytest.mark.asyncio
@@ -364,39 +392,22 @@ async def test_worker_processes_add_up(
     session: aiohttp.ClientSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     metrics.prepare_multiproc_dir(tmp_path)
-    env = {**os.environ, metrics.MULTIPROC_DIR_ENV: str(tmp_path), "PYTHONPATH": str(ROOT)}
+    monkeypatch.setenv(metrics.MULTIPROC_DIR_ENV, str(tmp_path))
     requests_per_worker = [4, 7]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path), str(count)],
-            env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        for count in requests_per_worker
-    ]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
-        monkeypatch.setenv(metrics.MULTIPROC_DIR_ENV, str(tmp_path))
-        metrics.setup_metrics(tmp_path)
+    completions = {"route": "/v1/completions", "status": "200", "model": "tiny-llama"}
 
-        live = parse((await metrics.render_metrics(session, f"http://127.0.0.1:{closed_port()}"))[0])
-    finally:
-        for worker in workers:
-            worker.communicate(input="", timeout=30)
+    with Workers(tmp_path, requests_per_worker):
+        live = await scrape_directory(session, tmp_path)
+    # Both died; a replacement worker starts.
+    with Workers(tmp_path, [0]):
+        after_restart = await scrape_directory(session, tmp_path)
 
-    assert sample_value(
-        live, "vllm_api_requests_total", route="/v1/completions", status="200", model="tiny-llama"
-    ) == sum(requests_per_worker)
+    assert sample_value(live, "vllm_api_requests_total", **completions) == sum(requests_per_worker)
     assert sample_value(live, "vllm_api_completion_tokens_total", model="tiny-llama") == 3 * sum(requests_per_worker)
-    assert sample_value(live, "vllm_api_requests_in_flight") == len(workers)
-
-    # A worker that starts after others died drops their in-flight counts but keeps their totals.
-    metrics.setup_metrics(tmp_path)
-    after = parse((await metrics.render_metrics(session, f"http://127.0.0.1:{closed_port()}"))[0])
-    assert sample_value(after, "vllm_api_requests_in_flight") == 0.0
-    assert sample_value(
-        after, "vllm_api_requests_total", route="/v1/completions", status="200", model="tiny-llama"
-    ) == sum(requests_per_worker)
+    assert sample_value(live, "vllm_api_requests_in_flight") == sum(requests_per_worker)
+    # Totals outlive the workers; the dead workers' in-flight requests do not.
+    assert sample_value(after_restart, "vllm_api_requests_total", **completions) == sum(requests_per_worker)
+    assert sample_value(after_restart, "vllm_api_requests_in_flight") == 0.0
 
 
 def test_multiprocess_mode_needs_the_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,516 @@
+"""`POST /generate` and `/conversations` over HTTP, against a fake engine.
+
+`FakeEngine` stands in for the vLLM engine's OpenAI server so these tests run
+in seconds without a model: a small aiohttp server on 127.0.0.1 (ephemeral
+port) that streams deterministic replies word by word with a usage block, and
+counts tokens on `/tokenize` (one per word plus 4 per message). It records
+every request, so tests can check what the engine was sent. The end-to-end
+tests run the same routes against the real CPU engine.
+
+The app under test is a bare FastAPI app with the router, the two error
+handlers the real application registers, and `app.state` filled the way the
+application fills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from aiohttp import web
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.config import load_settings
+from app.errors import APIError
+from app.generate.routes import router
+from app.generate.store import SQLiteConversationStore
+from app.generate.validation import request_validation_error_handler
+from app.observability.record import RequestRecord
+
+SERVED_NAME = "fake-model"
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.chat_requests: list[dict[str, Any]] = []
+        self.tokenize_calls = 0
+        self.usage_sent: list[dict[str, int]] = []
+        self.reply: str | None = None  # None: "Echo: <last user message>"
+        self.first_token_delay_s = 0.0
+        self.piece_delay_s = 0.002
+        self.fail_mid_stream = False
+        self.aborted = 0  # streams the client side dropped before the end
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    @staticmethod
+    def count_tokens(messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"].split()) + 4 for m in messages)
+
+    def reply_for(self, messages: list[dict[str, str]]) -> str:
+        return self.reply if self.reply is not None else f"Echo: {messages[-1]['content']}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/tokenize", self._tokenize)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        self.tokenize_calls += 1
+        return web.json_response({"count": self.count_tokens(payload["messages"]), "tokens": []})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        payload = await request.json()
+        self.chat_requests.append(payload)
+        messages = payload["messages"]
+        if "REFUSE" in messages[-1]["content"]:
+            body = {"error": {"message": "This prompt is refused.", "type": "BadRequestError", "code": 400}}
+            return web.json_response(body, status=400)
+        pieces = re.findall(r"\S+\s*", self.reply_for(messages))
+        cut = len(pieces) > payload["max_tokens"]
+        pieces = pieces[: payload["max_tokens"]]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(data: object) -> None:
+            await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        await asyncio.sleep(self.first_token_delay_s)
+        try:
+            for piece in pieces:
+                await send({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+                await asyncio.sleep(self.piece_delay_s)
+        except ConnectionResetError:
+            self.aborted += 1
+            return response
+        if self.fail_mid_stream:
+            await send({"error": {"message": "engine crashed", "type": "InternalServerError", "code": 500}})
+            return response
+        await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "length" if cut else "stop"}]})
+        if payload.get("stream_options", {}).get("include_usage"):
+            usage = {"prompt_tokens": self.count_tokens(messages), "completion_tokens": len(pieces)}
+            self.usage_sent.append(usage)
+            await send({"choices": [], "usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+Client = httpx.AsyncClient
+MakeClient = Callable[..., Awaitable[Client]]
+MakeApp = Callable[..., Awaitable[FastAPI]]
+
+
+async def serve_over_tcp(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """Run `app` under uvicorn on an ephemeral 127.0.0.1 port (real sockets, real disconnects)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, f"http://127.0.0.1:{port}"
+
+
+@pytest_asyncio.fixture
+async def engine() -> AsyncIterator[FakeEngine]:
+    fake = FakeEngine()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def request_records() -> list[RequestRecord]:
+    """The RequestRecord of every request, as the application's request log would attach it."""
+    return []
+
+
+@pytest_asyncio.fixture
+async def make_app(
+    engine: FakeEngine, tmp_path: Path, request_records: list[RequestRecord]
+) -> AsyncIterator[MakeApp]:
+    """Build the app with the given settings (environment names), wired to the fake engine."""
+    async with AsyncExitStack() as stack:
+
+        async def make(model_max_len: int | None = 4096, **env: str) -> FastAPI:
+            settings = load_settings({
+                "ENGINE_URL": engine.url,
+                "SERVED_MODEL_NAME": SERVED_NAME,
+                "HF_HOME": str(tmp_path),
+                **env,
+            })
+            app = FastAPI()
+            app.include_router(router)
+            app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
+            app.add_exception_handler(RequestValidationError, request_validation_error_handler)  # type: ignore[arg-type]
+            app.state.settings = settings
+            app.state.upstream = await stack.enter_async_context(aiohttp.ClientSession())
+            app.state.model_max_len = model_max_len
+            app.state.conversations = None
+            if settings.CONVERSATIONS_ENABLED:
+                store = SQLiteConversationStore(tmp_path / "conversations.sqlite3", ttl_s=settings.CONVERSATIONS_TTL_S)
+                await store.start()
+                stack.push_async_callback(store.close)
+                app.state.conversations = store
+
+            @app.middleware("http")
+            async def attach_record(request: Request, call_next):  # type: ignore[no-untyped-def]
+                record = RequestRecord("rid", request.method, request.url.path, request.url.path, None)
+                request.state.record = record
+                request_records.append(record)
+                return await call_next(request)
+
+            return app
+
+        yield make
+
+
+@pytest_asyncio.fixture
+async def make_client(make_app: MakeApp) -> AsyncIterator[MakeClient]:
+    """Like make_app, and returns an in-process HTTP client for the app."""
+    async with AsyncExitStack() as stack:
+
+        async def make(model_max_len: int | None = 4096, **env: str) -> Client:
+            app = await make_app(model_max_len, **env)
+            transport = httpx.ASGITransport(app=app)
+            return await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://wrapper"))
+
+        yield make
+
+
+def sse_events(body: str) -> list[str]:
+    return [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.asyncio
+async def test_reply_with_timings_and_model_info(
+    make_client: MakeClient, engine: FakeEngine, request_records: list[RequestRecord]
+) -> None:
+    client = await make_client(model_max_len=2048)
+    response = await client.post("/generate", json={"prompt": "What is the capital of France?", "max_tokens": 64})
+    assert response.status_code == 200, response.text
+    reply = response.json()
+
+    assert reply["response"] == "Echo: What is the capital of France?"
+    assert reply["finish_reason"] == "stop"
+    assert reply["model_info"] == {"name": SERVED_NAME, "max_model_len": 2048}
+    assert reply["tokens_generated"] == engine.usage_sent[-1]["completion_tokens"]
+    assert reply["prompt_tokens"] == engine.usage_sent[-1]["prompt_tokens"]
+    assert 0 < reply["ttft_ms"] <= reply["total_ms"]
+    assert 0 < reply["generation_ms"] <= reply["total_ms"]
+    expected_rate = reply["tokens_generated"] / (reply["generation_ms"] / 1000)
+    assert reply["tokens_per_second"] == pytest.approx(expected_rate, rel=0.01)
+    assert reply["response_is_json"] is False and reply["response_json"] is None
+    assert reply["max_tokens_clamped"] is False and reply["history_truncated"] is False
+    assert re.fullmatch(r"[0-9a-f]{32}", reply["conversation_id"])
+
+    [sent] = engine.chat_requests
+    assert sent["model"] == SERVED_NAME
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == [{"role": "user", "content": "What is the capital of France?"}]
+
+    [record] = request_records
+    assert record.model == SERVED_NAME and record.stream is False
+    assert record.completion_tokens == reply["tokens_generated"]
+    assert record.first_token_at is not None
+
+
+@pytest.mark.asyncio
+async def test_streamed_reply_sends_text_then_timings_then_done(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    response = await client.post("/generate", json={"message": "stream this please", "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response.text)
+
+    assert events[-1] == "[DONE]"
+    texts = [json.loads(e)["text"] for e in events[:-2]]
+    done = json.loads(events[-2])
+    assert "".join(texts) == "Echo: stream this please" == done["response"]
+    assert done["done"] is True
+    assert done["tokens_generated"] == engine.usage_sent[-1]["completion_tokens"] == len(texts)
+    assert 0 < done["ttft_ms"] <= done["total_ms"]
+    assert done["conversation_id"]
+
+
+@pytest.mark.asyncio
+async def test_keepalive_comments_while_waiting_for_the_first_token(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client(SSE_KEEPALIVE_S="0.05")
+    engine.first_token_delay_s = 0.3
+    response = await client.post("/generate", json={"prompt": "slow", "stream": True})
+    assert ": keep-alive" in response.text
+    assert json.loads(sse_events(response.text)[-2])["response"] == "Echo: slow"
+
+
+@pytest.mark.asyncio
+async def test_json_reply_is_parsed(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    engine.reply = '```json\n{"city": "Paris", "facts": [1, 2]}\n```'
+    reply = (await client.post("/generate", json={"prompt": "Answer in JSON"})).json()
+    assert reply["response_is_json"] is True
+    assert reply["response_json"] == {"city": "Paris", "facts": [1, 2]}
+    assert reply["response"] == engine.reply
+
+
+@pytest.mark.asyncio
+async def test_max_tokens_above_the_cap_is_clamped_and_reported(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client(MAX_TOKENS_CAP="3")
+    engine.reply = "one two three four five six"
+
+    clamped = (await client.post("/generate", json={"prompt": "count", "max_tokens": 100})).json()
+    assert engine.chat_requests[-1]["max_tokens"] == 3
+    assert clamped["max_tokens"] == 3 and clamped["max_tokens_clamped"] is True
+    assert clamped["response"] == "one two three " and clamped["finish_reason"] == "length"
+
+    within = (await client.post("/generate", json={"prompt": "count", "max_tokens": 2})).json()
+    assert engine.chat_requests[-1]["max_tokens"] == 2
+    assert within["max_tokens"] == 2 and within["max_tokens_clamped"] is False
+
+
+@pytest.mark.asyncio
+async def test_default_max_tokens_fits_the_cap_and_the_context(make_client: MakeClient, engine: FakeEngine) -> None:
+    small_context = await make_client(model_max_len=100)
+    reply = (await small_context.post("/generate", json={"prompt": "hi"})).json()
+    assert engine.chat_requests[-1]["max_tokens"] == reply["max_tokens"] == 100 // 2
+    assert reply["max_tokens_clamped"] is False
+
+    low_cap = await make_client(model_max_len=None, MAX_TOKENS_CAP="16")
+    reply = (await low_cap.post("/generate", json={"prompt": "hi"})).json()
+    assert engine.chat_requests[-1]["max_tokens"] == reply["max_tokens"] == 16
+    assert reply["max_tokens_clamped"] is False
+
+
+@pytest.mark.asyncio
+async def test_second_turn_sends_the_first_as_history(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    first = (await client.post("/generate", json={"prompt": "My name is Ada.", "system": "Be brief."})).json()
+    conversation_id = first["conversation_id"]
+    second = (await client.post("/generate", json={"prompt": "What is my name?", "conversation_id": conversation_id})).json()
+
+    assert second["conversation_id"] == conversation_id
+    assert engine.chat_requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Echo: My name is Ada."},
+        {"role": "user", "content": "What is my name?"},
+    ]
+
+    stored = (await client.get(f"/conversations/{conversation_id}")).json()
+    assert stored["system"] == "Be brief."
+    assert [(t["role"], t["content"]) for t in stored["turns"]] == [
+        ("user", "My name is Ada."),
+        ("assistant", "Echo: My name is Ada."),
+        ("user", "What is my name?"),
+        ("assistant", "Echo: What is my name?"),
+    ]
+    listed = (await client.get("/conversations")).json()
+    assert [(c["id"], c["turn_count"]) for c in listed["data"]] == [(conversation_id, 4)]
+
+
+@pytest.mark.asyncio
+async def test_long_history_drops_the_oldest_turns_and_says_so(make_client: MakeClient, engine: FakeEngine) -> None:
+    max_model_len, max_tokens = 120, 20
+    client = await make_client(model_max_len=max_model_len)
+    words = " ".join(["word"] * 8)
+    conversation_id = (await client.post("/generate", json={"prompt": f"turn 0 {words}", "max_tokens": max_tokens})).json()["conversation_id"]
+    for i in range(1, 6):
+        reply = (await client.post("/generate", json={
+            "prompt": f"turn {i} {words}", "conversation_id": conversation_id, "max_tokens": max_tokens,
+        })).json()
+    assert reply["history_truncated"] is True
+
+    sent = engine.chat_requests[-1]["messages"]
+    stored = (await client.get(f"/conversations/{conversation_id}")).json()["turns"]
+    history = [{"role": t["role"], "content": t["content"]} for t in stored[:-2]]
+    kept = sent[:-1]
+    assert kept == history[len(history) - len(kept):], "the newest turns are kept, in order"
+    assert 0 < len(kept) < len(history)
+    assert sent[-1] == {"role": "user", "content": f"turn 5 {words}"}
+    budget = max_model_len - max_tokens
+    assert engine.count_tokens(sent) <= budget
+    assert engine.count_tokens(history[len(history) - len(kept) - 2:] + sent[-1:]) > budget
+    assert len(stored) == 12, "truncation only shortens what is sent, never what is stored"
+
+
+@pytest.mark.asyncio
+async def test_prompt_too_long_for_the_context_is_refused(make_client: MakeClient) -> None:
+    client = await make_client(model_max_len=40)
+    conversation_id = (await client.post("/generate", json={"prompt": "hi", "max_tokens": 8})).json()["conversation_id"]
+    response = await client.post("/generate", json={
+        "prompt": " ".join(["long"] * 50), "conversation_id": conversation_id, "max_tokens": 8,
+    })
+    assert assert_openai_error(response, 400, "prompt")["code"] == "context_length_exceeded"
+    response = await client.post("/generate", json={"prompt": "hi", "max_tokens": 40})
+    assert assert_openai_error(response, 400, "max_tokens")["code"] == "context_length_exceeded"
+
+
+@pytest.mark.asyncio
+async def test_parallel_turns_on_one_conversation_are_all_kept(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    conversation_id = (await client.post("/generate", json={"prompt": "start"})).json()["conversation_id"]
+    replies = await asyncio.gather(*(
+        client.post("/generate", json={"prompt": f"parallel {i}", "conversation_id": conversation_id})
+        for i in range(20)
+    ))
+    assert [r.status_code for r in replies] == [200] * 20
+
+    turns = (await client.get(f"/conversations/{conversation_id}")).json()["turns"]
+    assert len(turns) == 42
+    users = [t["content"] for t in turns[0::2]]
+    assert sorted(users) == sorted(["start", *(f"parallel {i}" for i in range(20))])
+    for user, assistant in zip(turns[0::2], turns[1::2], strict=True):
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert assistant["content"] == f"Echo: {user['content']}"
+
+
+@pytest.mark.asyncio
+async def test_delete_conversation(make_client: MakeClient) -> None:
+    client = await make_client()
+    conversation_id = (await client.post("/generate", json={"prompt": "forget me"})).json()["conversation_id"]
+    deleted = await client.delete(f"/conversations/{conversation_id}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert_openai_error(await client.get(f"/conversations/{conversation_id}"), 404)
+    assert_openai_error(await client.delete(f"/conversations/{conversation_id}"), 404)
+    response = await client.post("/generate", json={"prompt": "again", "conversation_id": conversation_id})
+    assert assert_openai_error(response, 404, "conversation_id")["code"] == "conversation_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, None),
+        ({"prompt": "a", "message": "b"}, None),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "temperature": 5}, "temperature"),
+        ({"prompt": "hi", "stream": "yes"}, "stream"),
+        ({"prompt": "hi", "max_token": 5}, "max_token"),
+        ({"prompt": "hi", "conversation_id": 7}, "conversation_id"),
+    ],
+)
+@pytest.mark.asyncio
+async def test_bad_input_gets_an_openai_style_400(
+    make_client: MakeClient, engine: FakeEngine, body: dict[str, Any], param: str | None
+) -> None:
+    client = await make_client()
+    error = assert_openai_error(await client.post("/generate", json=body), 400, param)
+    assert error["type"] == "invalid_request_error"
+    assert engine.chat_requests == []
+
+
+@pytest.mark.asyncio
+async def test_body_that_is_not_json_gets_an_openai_style_400(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert assert_openai_error(response, 400)["code"] == "invalid_json"
+
+
+@pytest.mark.asyncio
+async def test_unknown_conversation_is_404(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    response = await client.post("/generate", json={"prompt": "hi", "conversation_id": "0" * 32})
+    assert assert_openai_error(response, 404, "conversation_id")["type"] == "not_found_error"
+    assert engine.chat_requests == []
+
+
+@pytest.mark.asyncio
+async def test_with_storage_off_conversations_are_refused(make_client: MakeClient) -> None:
+    client = await make_client(CONVERSATIONS_ENABLED="false")
+    reply = (await client.post("/generate", json={"prompt": "hi"})).json()
+    assert reply["response"] == "Echo: hi" and reply["conversation_id"] is None
+
+    response = await client.post("/generate", json={"prompt": "hi", "conversation_id": "abc"})
+    assert "CONVERSATIONS_ENABLED" in assert_openai_error(response, 400, "conversation_id")["message"]
+    for listing in (await client.get("/conversations"), await client.get("/conversations/abc")):
+        assert assert_openai_error(listing, 404)["code"] == "conversations_disabled"
+
+
+@pytest.mark.asyncio
+async def test_engine_refusal_is_passed_on(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/generate", json={"prompt": "REFUSE this"})
+    assert "This prompt is refused." in assert_openai_error(response, 400)["message"]
+    assert (await client.get("/conversations")).json()["data"] == [], "a failed turn is not stored"
+
+
+@pytest.mark.asyncio
+async def test_engine_failure_mid_stream_ends_with_an_error_event(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    engine.fail_mid_stream = True
+    response = await client.post("/generate", json={"prompt": "crash soon", "stream": True})
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "engine crashed" in error["message"] and error["type"] == "engine_error"
+    assert not any('"done"' in e for e in events)
+
+
+@pytest.mark.asyncio
+async def test_client_leaving_mid_stream_aborts_the_engine_request(make_app: MakeApp, engine: FakeEngine) -> None:
+    app = await make_app()
+    engine.reply = " ".join(f"w{i}" for i in range(200))
+    engine.piece_delay_s = 0.02
+    server, task, url = await serve_over_tcp(app)
+    try:
+        async with httpx.AsyncClient(base_url=url) as client:
+            async with client.stream("POST", "/generate", json={"prompt": "long", "stream": True}) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # first text event; leave
+        for _ in range(100):
+            if engine.aborted:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.aborted == 1
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/conversations")).json()["data"] == [], "an unfinished turn is not stored"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.asyncio
+async def test_unreachable_engine_is_503(make_client: MakeClient, engine: FakeEngine) -> None:
+    client = await make_client()
+    await engine.stop()
+    response = await client.post("/generate", json={"prompt": "anyone there?"})
+    assert assert_openai_error(response, 503)["code"] == "engine_unreachable"
+    assert "Retry-After" in response.headers

@@ -1,0 +1,51 @@
+"""The usage block is read from streams and removed when the client did not ask for it."""
+
+from __future__ import annotations
+
+import json
+
+from app.proxy.usage import UsageFilter, read_json_usage
+
+CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+def relay(chunks: list[bytes], strip: bool) -> tuple[bytes, UsageFilter]:
+    usage = UsageFilter(strip=strip)
+    out = b"".join(usage.feed(chunk) for chunk in chunks) + usage.flush()
+    return out, usage
+
+
+def test_usage_is_read_and_kept_when_the_client_asked() -> None:
+    out, usage = relay([CHUNK, CHUNK, USAGE, DONE], strip=False)
+    assert out == CHUNK + CHUNK + USAGE + DONE
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 3)
+
+
+def test_usage_event_is_removed_when_the_client_did_not_ask() -> None:
+    out, usage = relay([CHUNK, USAGE, DONE], strip=True)
+    assert out == CHUNK + DONE
+    assert usage.completion_tokens == 3
+
+
+def test_usage_event_split_across_reads_and_merged_with_neighbours() -> None:
+    stream = CHUNK + USAGE + DONE
+    for cut in range(1, len(stream)):
+        out, usage = relay([stream[:cut], stream[cut:]], strip=True)
+        assert out == CHUNK + DONE, cut
+        assert usage.completion_tokens == 3
+
+
+def test_content_that_mentions_usage_is_untouched() -> None:
+    text = json.dumps({"choices": [{"delta": {"content": '"usage":{ is just text'}}]}).encode()
+    chunk = b"data: " + text + b"\n\n"
+    out, usage = relay([chunk, DONE], strip=True)
+    assert out == chunk + DONE
+    assert usage.completion_tokens is None
+
+
+def test_non_streaming_usage() -> None:
+    body = json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}}).encode()
+    assert read_json_usage(body) == (4, 9)
+    assert read_json_usage(b'{"object":"list"}') == (None, None)
