@@ -206,6 +206,15 @@ class Settings(BaseSettings):
             return ()
         return tuple(k.strip() for k in self.API_KEY.get_secret_value().split(",") if k.strip())
 
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret value, for the log redaction filter."""
+        values = [*self.api_keys]
+        for secret in (self.HF_TOKEN, self.CONVERSATIONS_DB_URL):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        return tuple(value for value in values if value)
+
     @cached_property
     def lora_modules(self) -> dict[str, str]:
         return parse_pairs("LORA_MODULES", self.LORA_MODULES)

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -25,7 +25,9 @@ from starlette.middleware.cors import CORSMiddleware
 from app import __version__
 from app.config import Settings, load_settings
 from app.errors import APIError
-from app.generate import build_store, router as generate_router
+from app.generate.routes import router as generate_router
+from app.generate.store import build_store
+from app.generate.validation import request_validation_error_handler
 from app.lifecycle.status import STATUS_FILE_ENV, Phase
 from app.observability import metrics
 from app.observability.access import AccessLog
@@ -60,19 +62,18 @@ def create_app(settings: Settings | None = None, status_file: Path | None = None
     app.state.gateway = gateway
     app.state.model_max_len = None
 
+    def require_key(request: Request) -> None:
+        gateway.keys.verify(request.headers.get("authorization", "").encode("latin-1") or None)
+
     def require_operator_key(request: Request) -> None:
         if not settings.PUBLIC_METRICS:
-            gateway.keys.verify(request.headers.get("authorization", "").encode("latin-1") or None)
+            require_key(request)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-        return JSONResponse(APIError(400, f"{param or 'request'}: {first['msg']}", param=param).body(), status_code=400)
+    app.add_exception_handler(RequestValidationError, request_validation_error_handler)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -141,7 +142,7 @@ def create_app(settings: Settings | None = None, status_file: Path | None = None
             "phase": status.phase.value if status else Phase.READY.value,
         })
 
-    app.include_router(generate_router)
+    app.include_router(generate_router, dependencies=[Depends(require_key)])
 
     app.add_middleware(V1Proxy, gateway=gateway)
     app.add_middleware(AccessLog)

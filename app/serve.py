@@ -24,7 +24,7 @@ from types import FrameType
 import uvicorn
 
 from app.config import ConfigError, Settings, load_settings
-from app.observability.logging import configure_logging, uvicorn_log_config
+from app.observability.logging import configure_logging, install_secret_redaction, uvicorn_log_config
 from app.proxy.gateway import Gateway
 
 log = logging.getLogger("app.serve")
@@ -100,6 +100,7 @@ def main() -> int:
         print(f"vllm-inference-api: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
+    install_secret_redaction(settings.secret_values)
     from app.main import app  # imported after logging is configured
 
     config = uvicorn.Config(

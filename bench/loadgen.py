@@ -26,7 +26,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from types import TracebackType
@@ -257,20 +257,38 @@ class LoadGenerator:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
-            if exc_type is not None:
-                for process in list(self._pool._processes.values()):  # noqa: SLF001 - no public kill
-                    process.kill()
-            self._pool = None
-
-    def run(self, cell: Cell) -> Samples:
         if self._pool is None:
-            raise RuntimeError("LoadGenerator.run() needs the `with LoadGenerator(...)` block")
+            return
+        if exc_type is not None:
+            # Interrupted mid-cell: the workers may be inside a long cell, so end them now.
+            for process in list((self._pool._processes or {}).values()):  # noqa: SLF001 - no public kill
+                process.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
+    def start(self, cell: Cell) -> RunningCell:
+        """Start a cell in the worker processes; the caller can watch its window, then take the result."""
+        if self._pool is None:
+            raise RuntimeError("LoadGenerator.start() needs the `with LoadGenerator(...)` block")
         start_at = time.monotonic() + START_DELAY_S
         shares = split(cell.concurrency, self._processes)
         futures = [self._pool.submit(run_cell, replace(cell, concurrency=share), start_at) for share in shares]
-        results = [future.result() for future in futures]
+        window_start = start_at + cell.warmup_s
+        return RunningCell(window_start, window_start + cell.duration_s, futures)
+
+    def run(self, cell: Cell) -> Samples:
+        return self.start(cell).result()
+
+
+@dataclass(frozen=True, slots=True)
+class RunningCell:
+    window_start: float  # monotonic clock
+    window_end: float
+    futures: list[Future[Samples]]
+
+    def result(self) -> Samples:
+        """Wait for every worker process and merge their samples."""
+        results = [future.result() for future in self.futures]
         merged = results[0]
         for result in results[1:]:
             merged = merged.merge(result)

@@ -84,6 +84,11 @@ class Service:
             f"{self._log_tail()}"
         )
 
+    def check_alive(self) -> None:
+        """Raise if the server has exited (a crash under load must not pass as a slow gateway)."""
+        if self.process is not None and (code := self.process.poll()) is not None:
+            raise ServiceError(f"{self.name} exited with code {code} under load.\n{self._log_tail()}")
+
     def processes(self) -> list[psutil.Process]:
         """The server process and all its descendants (for CPU accounting)."""
         if self.process is None or self.process.poll() is not None:

@@ -15,7 +15,8 @@ with one. It runs on 127.0.0.1 on an ephemeral port in a background thread;
 point huggingface_hub at it with HF_ENDPOINT=hub.url.
 
 Knobs for tests: count requests (total, per "METHOD path") and file bytes
-served; cut or stall the next file response after N bytes; throttle file
+served; cut or stall the next file response longer than N bytes after N
+bytes; throttle file
 bytes; answer requests with a status (5xx) with fail(); close() makes the
 port refuse connections.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 from huggingface_hub import constants
+from typing_extensions import Self
 
 LFS_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf"}
 BLOCK = 256 * 1024
@@ -46,7 +49,7 @@ RESOLVE_ROUTE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<
 
 
 @dataclass(frozen=True)
-class HubFile:
+class ServedFile:
     path: str
     local: Path
     size: int
@@ -59,24 +62,24 @@ class HubFile:
 
 
 @dataclass
-class HubRepo:
+class ServedRepo:
     repo_id: str
-    files: dict[str, HubFile]
+    files: dict[str, ServedFile]
     commit: str
     gated: bool = False
     private: bool = False
 
 
-def scan_directory(repo_id: str, directory: Path, *, gated: bool = False, private: bool = False) -> HubRepo:
-    files: dict[str, HubFile] = {}
+def scan_directory(repo_id: str, directory: Path, *, gated: bool = False, private: bool = False) -> ServedRepo:
+    files: dict[str, ServedFile] = {}
     for local in sorted(p for p in directory.rglob("*") if p.is_file()):
         data = local.read_bytes()
         path = local.relative_to(directory).as_posix()
         blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         sha256 = hashlib.sha256(data).hexdigest() if local.suffix in LFS_SUFFIXES else None
-        files[path] = HubFile(path=path, local=local, size=len(data), blob_id=blob_id, sha256=sha256)
+        files[path] = ServedFile(path=path, local=local, size=len(data), blob_id=blob_id, sha256=sha256)
     commit = hashlib.sha1("".join(f"{f.path}:{f.etag}\n" for f in files.values()).encode()).hexdigest()
-    return HubRepo(repo_id=repo_id, files=files, commit=commit, gated=gated, private=private)
+    return ServedRepo(repo_id=repo_id, files=files, commit=commit, gated=gated, private=private)
 
 
 class FakeHub:
@@ -104,9 +107,7 @@ class FakeHub:
         self.bytes_served: Counter[str] = Counter()  # file bytes sent, by repo path
         self._lock = threading.Lock()
         self._closing = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self._server.block_on_close = False
+        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fakehub", daemon=True
         )
@@ -133,7 +134,7 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> FakeHub:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -149,13 +150,13 @@ class FakeHub:
                     self.fail_status = self.fail_remaining = None
             return status
 
-    def _take_interruption(self) -> tuple[int | None, str]:
-        """The one-shot cut or stall for the next file response."""
+    def _take_interruption(self, length: int) -> tuple[int | None, str]:
+        """The one-shot cut or stall for the next file response longer than its byte limit."""
         with self._lock:
-            if self.cut_after_bytes is not None:
+            if self.cut_after_bytes is not None and length > self.cut_after_bytes:
                 limit, self.cut_after_bytes = self.cut_after_bytes, None
                 return limit, "cut"
-            if self.stall_after_bytes is not None:
+            if self.stall_after_bytes is not None and length > self.stall_after_bytes:
                 limit, self.stall_after_bytes = self.stall_after_bytes, None
                 return limit, "stall"
         return None, ""
@@ -169,11 +170,21 @@ class FakeHub:
             self.bytes_served[path] += count
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Tests kill clients mid-response on purpose; their connection resets are not errors.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:
             return
 
         def do_HEAD(self) -> None:
@@ -206,7 +217,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             value = self.headers.get("Authorization", "")
             return value.removeprefix("Bearer ").strip() if value.startswith("Bearer ") else None
 
-        def _repo(self, repo_id: str, token: str | None) -> HubRepo | None:
+        def _repo(self, repo_id: str, token: str | None) -> ServedRepo | None:
             repo = hub.repos.get(repo_id)
             if repo is None or (repo.private and not self._allowed(repo, token)):
                 # The Hub does not reveal private repositories: they look missing.
@@ -214,10 +225,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
             return repo
 
-        def _allowed(self, repo: HubRepo, token: str | None) -> bool:
+        def _allowed(self, repo: ServedRepo, token: str | None) -> bool:
             return token is not None and repo.repo_id in hub.tokens.get(token, set())
 
-        def _commit(self, repo: HubRepo, revision: str | None) -> str | None:
+        def _commit(self, repo: ServedRepo, revision: str | None) -> str | None:
             rev = unquote(revision) if revision else "main"
             if rev in ("main", repo.commit):
                 return repo.commit
@@ -292,8 +303,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             start = int(match[1]) if match else 0
             return start if start < size else 0
 
-        def _send_file(self, file: HubFile, start: int) -> None:
-            limit, interruption = hub._take_interruption()
+        def _send_file(self, file: ServedFile, start: int) -> None:
+            limit, interruption = hub._take_interruption(file.size - start)
             sent = 0
             with file.local.open("rb") as data:
                 data.seek(start)

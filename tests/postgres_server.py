@@ -60,9 +60,10 @@ class PostgresServer:
         return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
     def _run(self, command: list[str]) -> None:
-        result = subprocess.run(self._as_server_user(command), capture_output=True, text=True, timeout=120)
+        result = subprocess.run(self._as_server_user(command), check=False, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}{self._log_tail()}")
+            output = f"{result.stdout}{result.stderr}{self._log_tail()}"
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{output}")
 
     def _log_tail(self) -> str:
         log = self.root / "server.log" if self.root else None
@@ -75,13 +76,16 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.root, user="postgres", group="postgres")
         data = self.root / "data"
-        self._run([str(self.bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+        self._run([
+            str(self.bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
+        ])
         options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c full_page_writes=off"
         try:
             self._run([str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"),
                        "-w", "-t", "60", "-o", options, "start"])
         except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n(Is port {self.port} taken, e.g. by a server left from an earlier run?)") from None
+            hint = f"(Is port {self.port} taken, e.g. by a server left from an earlier run?)"
+            raise RuntimeError(f"{exc}\n{hint}") from None
 
     def stop(self) -> None:
         if self.root is None:
@@ -91,10 +95,3 @@ class PostgresServer:
             self._run([str(self.bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()

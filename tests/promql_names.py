@@ -19,9 +19,13 @@ import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 # Series Prometheus adds to every target itself; no /metrics serves them.
-PROMETHEUS_SERIES = frozenset(
-    {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_samples_post_metric_relabeling", "scrape_series_added"}
-)
+PROMETHEUS_SERIES = frozenset({
+    "up",
+    "scrape_duration_seconds",
+    "scrape_samples_scraped",
+    "scrape_samples_post_metric_relabeling",
+    "scrape_series_added",
+})
 # Grafana replaces $__rate_interval and friends before Prometheus sees the query.
 _GRAFANA_VARIABLE = re.compile(r"\$\{?__\w+\}?")
 _SUFFIXES_BY_TYPE = {

@@ -92,6 +92,12 @@ class Stack:
         return self.process.returncode
 
 
+def engine_gauge(engine_url: str, name: str) -> float:
+    """Sum of one `vllm:*` series in the engine's own /metrics."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def kill_tree(pid: int) -> None:
     try:
         parent = psutil.Process(pid)

@@ -53,6 +53,10 @@ def _timed_out(timeout: aiohttp.ClientTimeout) -> APIError:
     )
 
 
+def _broken(message: str) -> APIError:
+    return APIError(502, message, code="engine_error", cause="engine_error")
+
+
 def _unreachable() -> APIError:
     return unavailable("The engine is not reachable; retry when /health reports ready.", code="engine_unreachable")
 
@@ -92,9 +96,9 @@ class ChatStream:
         except asyncio.TimeoutError:
             raise _timed_out(self._timeout) from None
         except aiohttp.ClientError as exc:
-            raise APIError(502, f"The engine broke off the reply: {exc}", code="engine_error", cause="engine_error") from None
+            raise _broken(f"The engine broke off the reply: {exc}") from None
         except ValueError as exc:
-            raise APIError(502, f"The engine sent a malformed stream event: {exc}", code="engine_error", cause="engine_error") from None
+            raise _broken(f"The engine sent a malformed stream event: {exc}") from None
         finally:
             self.close()
 

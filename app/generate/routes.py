@@ -141,6 +141,11 @@ class _Generation:
     def close(self) -> None:
         self._chat.close()
 
+    def note_failure(self, error: APIError) -> None:
+        """A stream that fails after its 200 status still counts as failed in the request log."""
+        if isinstance(self._record, RequestRecord):
+            self._record.error_cause = error.cause
+
     async def finish(self) -> GenerateResponse:
         """Store the exchange (when the conversation is kept) and build the reply."""
         text = "".join(self._pieces)
@@ -148,10 +153,14 @@ class _Generation:
         if store is not None and self._conversation_id is not None:
             with _store_errors():
                 stored = await store.append_exchange(
-                    self._conversation_id, self._body.system, self._body.user_text, text, create=self._is_new_conversation
+                    self._conversation_id,
+                    self._body.system,
+                    self._body.user_text,
+                    text,
+                    create=self._is_new_conversation,
                 )
             if not stored:
-                log.info("Conversation %s was deleted during generation; the new turn is not stored", self._conversation_id)
+                log.info("Conversation %s was deleted while generating; turn dropped", self._conversation_id)
         done = time.perf_counter()
         finished_at = self._finished_at or done
         generation_s = finished_at - self._engine_started
@@ -212,6 +221,7 @@ async def _sse_events(generation: _Generation, keepalive_s: float) -> AsyncItera
         reply = await generation.finish()
         yield _event({"done": True, **reply.model_dump(mode="json")})
     except APIError as exc:
+        generation.note_failure(exc)
         yield _event(exc.body())
     finally:
         generation.close()
@@ -300,9 +310,10 @@ async def list_conversations(
     store = _require_store(request)
     with _store_errors():
         summaries = await store.list_recent(limit)
-    return ConversationListOut(
-        data=[ConversationSummaryOut(id=s.id, created=s.created, updated=s.updated, turn_count=s.turn_count) for s in summaries]
-    )
+    return ConversationListOut(data=[
+        ConversationSummaryOut(id=s.id, created=s.created, updated=s.updated, turn_count=s.turn_count)
+        for s in summaries
+    ])
 
 
 @router.get("/conversations/{conversation_id}", response_model=ConversationOut)

@@ -21,7 +21,6 @@ tool understand. This module adds what a server start needs on top:
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -40,6 +39,8 @@ from huggingface_hub import get_cached_repo_tree, hf_hub_url, snapshot_download
 from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars, filter_repo_objects
+from huggingface_hub.utils.sha import sha_fileobj
+from typing_extensions import Self
 
 from app.lifecycle.preflight import HubRepo, RemoteFile, RepoListing, describe_hub_error
 from app.lifecycle.startup_errors import StartupError
@@ -63,9 +64,9 @@ class Snapshot:
 def weight_ignore_patterns(filenames: Iterable[str]) -> list[str]:
     """Patterns of the weight copies the engine will not load, given everything the repository holds."""
     names = list(filenames)
-    if filter_repo_objects(names, allow_patterns=[SAFETENSORS]):
+    if any(filter_repo_objects(names, allow_patterns=[SAFETENSORS])):
         return [*TORCH_WEIGHTS, *OTHER_FRAMEWORK_WEIGHTS]
-    if filter_repo_objects(names, allow_patterns=list(TORCH_WEIGHTS)):
+    if any(filter_repo_objects(names, allow_patterns=list(TORCH_WEIGHTS))):
         return list(OTHER_FRAMEWORK_WEIGHTS)
     return []
 
@@ -243,9 +244,11 @@ def _continue_blob(partial: Path, blob: Path, file: RemoteFile, url: str, header
     # A partial written by hf_xet need not be a prefix of the file: only keep what checks out.
     if SHA256_HEX.fullmatch(file.etag):
         with partial.open("rb") as data:
-            digest = hashlib.file_digest(data, "sha256").hexdigest()
+            digest = sha_fileobj(data).hex()
         if digest != file.etag:
-            logger.warning("a resumed download did not match its checksum; fetching it again", extra={"file": file.path})
+            logger.warning(
+                "a resumed download did not match its checksum; fetching it again", extra={"file": file.path}
+            )
             partial.unlink()
             return
     os.replace(partial, blob)
@@ -313,7 +316,7 @@ class _ProgressMeter:
             done += sum(f.size if f.etag in complete else partial.get(f.etag, 0) for f in files)
         return done
 
-    def __enter__(self) -> _ProgressMeter:
+    def __enter__(self) -> Self:
         self._started = self._last_log = time.monotonic()
         done = self.measure()
         logger.info(

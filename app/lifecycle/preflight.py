@@ -93,7 +93,9 @@ def preflight(repo: HubRepo, token: str | None, endpoint: str) -> RepoListing:
         )
         if info.gated and files:
             # Gated repositories show their metadata to everyone; only a file tells whether the token has access.
-            url = hf_hub_url(repo.repo_id, files[0].path, revision=info.sha, endpoint=endpoint)
+            # The largest file is a weights file, certainly behind the gate (a model card may not be).
+            probe = max(files, key=lambda f: f.size)
+            url = hf_hub_url(repo.repo_id, probe.path, revision=info.sha, endpoint=endpoint)
             get_hf_file_metadata(url, token=token or False, timeout=REQUEST_TIMEOUT_S)
     except (HfHubHTTPError, httpx2.TransportError, OfflineModeIsEnabled) as exc:
         message = describe_hub_error(exc, repo, token_set=token is not None, endpoint=endpoint)
@@ -160,9 +162,15 @@ def describe_hub_error(exc: Exception, repo: HubRepo, *, token_set: bool, endpoi
         if status == 429 or status >= 500:
             return None
         if status == 401:
-            return "HF_TOKEN was refused by the Hub as invalid or expired: set HF_TOKEN to a valid token, or unset it for a public model."
+            return (
+                "HF_TOKEN was refused by the Hub as invalid or expired: "
+                "set HF_TOKEN to a valid token, or unset it for a public model."
+            )
         if status == 403:
-            return f"HF_TOKEN has no permission to read {repo.label}: give the token read access to it, or use another token."
+            return (
+                f"HF_TOKEN has no permission to read {repo.label}: "
+                "give the token read access to it, or use another token."
+            )
         return f"The Hub ({endpoint}) answered HTTP {status} for {repo.label}: check {repo.setting}."
     return None
 

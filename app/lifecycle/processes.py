@@ -56,7 +56,7 @@ class ChildProcess:
             stderr=asyncio.subprocess.STDOUT if self.capture_output else None,
             preexec_fn=_die_with_parent,
         )
-        log.info("process started", extra={"process": self.name, "pid": self.process.pid})
+        log.info("process started", extra={"child": self.name, "pid": self.process.pid})
         if self.capture_output:
             self._reader = asyncio.ensure_future(self._forward_output())
 
@@ -95,7 +95,7 @@ class ChildProcess:
             try:
                 await asyncio.wait_for(self.process.wait(), timeout_s)
             except asyncio.TimeoutError:
-                log.warning("process did not stop in time; killing it", extra={"process": self.name, "timeout_s": timeout_s})
+                log.warning("process did not stop in time; killing it", extra={"child": self.name, "timeout_s": timeout_s})
         # Children that outlived their parent are still in the group.
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
@@ -107,7 +107,7 @@ class ChildProcess:
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
-            return f"killed by {signal.Signals(-code).name}"
+            return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
-            return f"killed by signal {-code}"
+            return f"was killed by signal {-code}"
     return f"exited with code {code}"

@@ -39,6 +39,7 @@ from app.lifecycle.startup_errors import StartupError, classify_engine_failure, 
 from app.lifecycle.status import STATUS_FILE_ENV, DownloadProgress, Phase, StartupStatus, write_status
 from app.media import detect_modalities
 from app.observability.logging import configure_logging, install_secret_redaction
+from app.observability.metrics import MULTIPROC_DIR_ENV, prepare_multiproc_dir
 
 log = logging.getLogger("app.lifecycle")
 ENGINE_POLL_S = 0.5
@@ -101,7 +102,7 @@ class Supervisor:
             for task, wrapper in wrapper_exits.items():
                 if task in done:
                     log.error("wrapper stopped; stopping the engine",
-                              extra={"process": wrapper.name, "exit": describe_exit(task.result())})
+                              extra={"child": wrapper.name, "exit": describe_exit(task.result())})
                     lifecycle.cancel()
                     return await self._shutdown(1, drain=False)
             return await self._shutdown(lifecycle.result(), drain=False)
@@ -135,8 +136,8 @@ class Supervisor:
         env = {**os.environ, STATUS_FILE_ENV: str(self.board.path)}
         if self.settings.WORKERS > 1:
             metrics_dir = self.runtime_dir / "metrics"
-            metrics_dir.mkdir(exist_ok=True)
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+            prepare_multiproc_dir(metrics_dir)
+            env[MULTIPROC_DIR_ENV] = str(metrics_dir)
         for index in range(self.settings.WORKERS):
             wrapper = ChildProcess(f"wrapper-{index}", [sys.executable, "-m", "app.serve"], env, capture_output=False)
             await wrapper.start()
@@ -256,7 +257,7 @@ def main() -> int:
         print(f"vllm-inference-api: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
-    install_secret_redaction([s for s in (settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None, *settings.api_keys) if s])
+    install_secret_redaction(settings.secret_values)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vllm-inference-api-"))
     try:
         return asyncio.run(Supervisor(settings, runtime_dir).run())

@@ -134,12 +134,16 @@ async def prepare_chat_media(body: dict[str, Any], policy: MediaPolicy, fetcher:
     videos = [m for m in media if m.kind == "video"]
     _check_count("image", images, policy)
     _check_count("video", videos, policy)
+    tasks = [asyncio.create_task(_prepare(m, policy, fetcher)) for m in media if m.url is not None]
     try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_prepare(m, policy, fetcher)) for m in media if m.url is not None]
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
-    changed = changed or any(task.result() for task in tasks)
+        replaced = await asyncio.gather(*tasks)
+    except Exception:
+        # The first refusal answers the request; the other parts' work is dropped.
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
+    changed = changed or any(replaced)
     return MediaCounts(text=text, image=len(images), video=len(videos), changed=changed)
 
 
@@ -206,7 +210,7 @@ def _check_count(kind: MediaKind, parts: list[_MediaPart], policy: MediaPolicy) 
     if len(parts) > limit:
         raise APIError(
             400,
-            f"The request has {len(parts)} {plural}; at most {limit} are allowed per request "
+            f"The request has {len(parts)} {plural}; this server allows at most {limit} per request "
             f"({LIMIT_SETTINGS[kind]}={limit}).",
             param=parts[limit].path,
         )

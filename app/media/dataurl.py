@@ -23,8 +23,8 @@ class DataUrl:
     @property
     def decoded_size(self) -> int:
         """Bytes the payload decodes to, computed from its length alone."""
-        padding = len(self.payload) - len(self.payload.rstrip("="))
-        return len(self.payload) * 3 // 4 - min(padding, 2)
+        padding = 2 if self.payload.endswith("==") else 1 if self.payload.endswith("=") else 0
+        return len(self.payload) * 3 // 4 - padding
 
 
 def is_data_url(url: str) -> bool:
@@ -32,13 +32,13 @@ def is_data_url(url: str) -> bool:
 
 
 def parse_data_url(url: str) -> DataUrl:
-    header, comma, payload = url[5:].partition(",")
-    if not comma:
+    comma = url.find(",", 5)  # find + one slice: the payload may be megabytes long
+    if comma < 0:
         raise APIError(400, "The data: URL has no ',' before its payload; send data:<media type>;base64,<data>.")
-    media_type, semicolon, encoding = header.rpartition(";")
+    media_type, semicolon, encoding = url[5:comma].rpartition(";")
     if not semicolon or encoding != "base64":
         raise APIError(400, "Only base64 data: URLs are accepted; send data:<media type>;base64,<data>.")
-    return DataUrl(media_type=media_type.partition(";")[0].lower(), payload=payload)
+    return DataUrl(media_type=media_type.partition(";")[0].lower(), payload=url[comma + 1 :])
 
 
 def decode_base64(payload: str) -> bytes:

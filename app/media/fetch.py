@@ -32,6 +32,7 @@ import asyncio
 import ipaddress
 import socket
 from types import TracebackType
+from typing import Self
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -75,7 +76,7 @@ class MediaFetcher:
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> MediaFetcher:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

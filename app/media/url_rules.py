@@ -146,19 +146,19 @@ def _refusal_reason(address: IPAddress, allow_private: bool) -> str | None:
         return _UNSPECIFIED
     if address.is_multicast:
         return _MULTICAST
-    if allow_private:
-        return _RESERVED if address.is_reserved else None
     if address.is_loopback:
-        return "a loopback address"
-    if address.is_link_local:
-        return "a link-local address"
-    if address.is_private:
-        return "a private address"
-    if address.is_reserved:
+        reason = "a loopback address"
+    elif address.is_link_local:
+        reason = "a link-local address"
+    elif address.is_reserved:
         return _RESERVED
-    if not address.is_global:
-        return "a non-public address"
-    return None
+    elif address.is_private:
+        reason = "a private address"
+    elif not address.is_global:
+        reason = "a non-public address"
+    else:
+        return None
+    return None if allow_private else reason
 
 
 def _reachable_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:

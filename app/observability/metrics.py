@@ -49,9 +49,14 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 # LLM requests take from milliseconds (cached, short) to minutes (long generations).
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-ERROR_CAUSES = ("client_error", "engine_error", "timeout", "rejected", "auth", "unavailable")
+# The causes the wrapper sets on RequestRecord.error_cause (see app/errors.py).
+ERROR_CAUSES = (
+    "client_error", "engine_error", "timeout", "rejected", "auth", "unavailable", "client_disconnected", "internal_error",
+)
 MEDIA_MODALITIES = ("image", "video")
 # Clients choose the `model` they send; past this many names per process, new
 # names are counted as OTHER_MODEL so a client cannot grow the series without bound.
@@ -97,7 +102,8 @@ class WrapperMetrics:
             ["model"], registry=registry,
         )
         self.errors = Counter(
-            p + "errors", "Failed requests by cause: client_error, engine_error, timeout, rejected, auth, unavailable.",
+            p + "errors", "Failed requests by cause: client_error, engine_error, timeout, rejected, auth, unavailable, "
+            "client_disconnected, internal_error.",
             ["cause"], registry=registry,
         )
         self.media_items = Counter(
@@ -226,7 +232,8 @@ def setup_metrics(multiproc_dir: Path | None) -> None:
     """Create the wrapper's metrics in this process; call once per worker before serving.
 
     `multiproc_dir` is PROMETHEUS_MULTIPROC_DIR when WORKERS>1, else None
-    (the values live in this process). Calling it again starts from zero.
+    (the values live in this process). Calling it again starts this
+    process's values from zero; the shared files of other workers are kept.
     """
     global _state
     # *_created series double the series count and do not exist in multiprocess mode.

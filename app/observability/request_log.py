@@ -48,14 +48,14 @@ def request_summary(record: RequestRecord) -> dict[str, object]:
 def log_request(record: RequestRecord, probe: bool = False) -> None:
     """Write the summary line of a finished request.
 
-    Server errors are logged at WARNING, other requests at INFO, and probes
-    (`probe=True`: /ping, /health, /metrics polled by load balancers and
-    Prometheus) at DEBUG so that they do not bury the inference traffic.
+    Probes (`probe=True`: /ping, /health, /metrics polled by load balancers
+    and Prometheus) are logged at DEBUG, whatever they answer, so that they do
+    not bury the inference traffic; server errors at WARNING, the rest at INFO.
     """
-    if record.status >= 500:
-        level = logging.WARNING
-    elif probe:
+    if probe:
         level = logging.DEBUG
+    elif record.status >= 500:
+        level = logging.WARNING
     else:
         level = logging.INFO
     _access_logger.log(level, "request", extra=request_summary(record))

@@ -57,7 +57,7 @@ class Gateway:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
         self.readiness.bind(self.session)
-        self.media_fetcher = MediaFetcher(self.settings)
+        self.media_fetcher = MediaFetcher(MediaPolicy.from_settings(self.settings, frozenset()).urls)
         await self.media_fetcher.start()
 
     async def close(self) -> None:

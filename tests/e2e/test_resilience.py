@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import TEXT_MODEL
-from tests.stack import Stack, kill_tree, model_dir, start_stack
+from tests.stack import Stack, engine_gauge, kill_tree, model_dir, start_stack
 
 def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[str, object]:
     body: dict[str, object] = {
@@ -32,12 +32,6 @@ def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[
     if fixed_length:
         body.update({"min_tokens": max_tokens, "ignore_eos": True})
     return body
-
-
-def engine_gauge(engine_url: str, name: str) -> float:
-    text = httpx.get(f"{engine_url}/metrics", timeout=5).text
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
-    return sum(values)
 
 
 def read_sse(response: httpx.Response) -> list[str]:

@@ -51,8 +51,12 @@ def postgres_server() -> Iterator[PostgresServer]:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    with PostgresServer(bindir) as server:
+    server = PostgresServer(bindir)
+    server.start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgres"])

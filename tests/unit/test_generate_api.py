@@ -270,7 +270,9 @@ async def test_streamed_reply_sends_text_then_timings_then_done(make_client: Mak
 
 
 @pytest.mark.asyncio
-async def test_keepalive_comments_while_waiting_for_the_first_token(make_client: MakeClient, engine: FakeEngine) -> None:
+async def test_keepalive_comments_while_waiting_for_the_first_token(
+    make_client: MakeClient, engine: FakeEngine
+) -> None:
     client = await make_client(SSE_KEEPALIVE_S="0.05")
     engine.first_token_delay_s = 0.3
     response = await client.post("/generate", json={"prompt": "slow", "stream": True})
@@ -321,7 +323,8 @@ async def test_second_turn_sends_the_first_as_history(make_client: MakeClient, e
     client = await make_client()
     first = (await client.post("/generate", json={"prompt": "My name is Ada.", "system": "Be brief."})).json()
     conversation_id = first["conversation_id"]
-    second = (await client.post("/generate", json={"prompt": "What is my name?", "conversation_id": conversation_id})).json()
+    follow_up = {"prompt": "What is my name?", "conversation_id": conversation_id}
+    second = (await client.post("/generate", json=follow_up)).json()
 
     assert second["conversation_id"] == conversation_id
     assert engine.chat_requests[-1]["messages"] == [
@@ -348,7 +351,8 @@ async def test_long_history_drops_the_oldest_turns_and_says_so(make_client: Make
     max_model_len, max_tokens = 120, 20
     client = await make_client(model_max_len=max_model_len)
     words = " ".join(["word"] * 8)
-    conversation_id = (await client.post("/generate", json={"prompt": f"turn 0 {words}", "max_tokens": max_tokens})).json()["conversation_id"]
+    first = await client.post("/generate", json={"prompt": f"turn 0 {words}", "max_tokens": max_tokens})
+    conversation_id = first.json()["conversation_id"]
     for i in range(1, 6):
         reply = (await client.post("/generate", json={
             "prompt": f"turn {i} {words}", "conversation_id": conversation_id, "max_tokens": max_tokens,
@@ -472,7 +476,9 @@ async def test_engine_refusal_is_passed_on(make_client: MakeClient) -> None:
 
 
 @pytest.mark.asyncio
-async def test_engine_failure_mid_stream_ends_with_an_error_event(make_client: MakeClient, engine: FakeEngine) -> None:
+async def test_engine_failure_mid_stream_ends_with_an_error_event(
+    make_client: MakeClient, engine: FakeEngine, request_records: list[RequestRecord]
+) -> None:
     client = await make_client()
     engine.fail_mid_stream = True
     response = await client.post("/generate", json={"prompt": "crash soon", "stream": True})
@@ -481,6 +487,7 @@ async def test_engine_failure_mid_stream_ends_with_an_error_event(make_client: M
     error = json.loads(events[-2])["error"]
     assert "engine crashed" in error["message"] and error["type"] == "engine_error"
     assert not any('"done"' in e for e in events)
+    assert request_records[-1].error_cause == "engine_error"
 
 
 @pytest.mark.asyncio
@@ -490,11 +497,13 @@ async def test_client_leaving_mid_stream_aborts_the_engine_request(make_app: Mak
     engine.piece_delay_s = 0.02
     server, task, url = await serve_over_tcp(app)
     try:
-        async with httpx.AsyncClient(base_url=url) as client:
-            async with client.stream("POST", "/generate", json={"prompt": "long", "stream": True}) as response:
-                async for line in response.aiter_lines():
-                    if line.startswith("data: "):
-                        break  # first text event; leave
+        async with (
+            httpx.AsyncClient(base_url=url) as client,
+            client.stream("POST", "/generate", json={"prompt": "long", "stream": True}) as response,
+        ):
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break  # first text event; leave
         for _ in range(100):
             if engine.aborted:
                 break

@@ -6,7 +6,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator
-from datetime import timedelta, datetime
+from datetime import datetime, timedelta
 
 import pytest
 import uvicorn
@@ -143,7 +143,10 @@ def test_configuring_twice_does_not_duplicate_lines(output: Callable[[], list[st
 
 
 def test_every_source_writes_json(output: Callable[[], list[str]]) -> None:
-    uvicorn.Config(app="app.main:app", log_config=uvicorn_log_config("json", "INFO"), access_log=False, use_colors=False)
+    # uvicorn applies its log config when the Config is built.
+    uvicorn.Config(
+        app="app.main:app", log_config=uvicorn_log_config("json", "INFO"), access_log=False, use_colors=False
+    )
     logging.captureWarnings(True)
 
     logging.getLogger("uvicorn.error").info("Started server process [%d]", 123)
@@ -154,7 +157,8 @@ def test_every_source_writes_json(output: Callable[[], list[str]]) -> None:
     log_request(finished_record())
 
     lines = [json.loads(line) for line in output()]
-    assert [line["logger"] for line in lines] == ["uvicorn.error", "aiohttp.client", "engine", "py.warnings", ACCESS_LOGGER]
+    loggers = [line["logger"] for line in lines]
+    assert loggers == ["uvicorn.error", "aiohttp.client", "engine", "py.warnings", ACCESS_LOGGER]
     for line in lines:
         assert {"timestamp", "level", "logger", "message"} <= line.keys()
         assert "color_message" not in line
@@ -204,7 +208,8 @@ def test_engine_line_details_are_fields(output: Callable[[], list[str]]) -> None
     log_engine_line("   \n", "stdout")
 
     first, second = map(json.loads, output())
-    assert (first["engine_process"], first["engine_source"], first["stream"]) == ("EngineCore pid=10221", "cpu.py:224", "stdout")
+    assert first["engine_process"] == "EngineCore pid=10221"
+    assert (first["engine_source"], first["stream"]) == ("cpu.py:224", "stdout")
     assert (second["level"], second["stream"]) == ("WARNING", "stderr")
 
 

@@ -61,7 +61,8 @@ def test_documented_api_key_block_passes_promtool(tmp_path: Path) -> None:
     key_file = tmp_path / "api_key"
     key_file.write_text("sk-test-key")
     # Uncomment the documented block, as an operator would, with a key file that exists.
-    enabled = re.sub(r"(?m)^(\s*)# (authorization:|  type: Bearer|  credentials_file: )", r"\1\2", PROMETHEUS_CONFIG.read_text())
+    commented = re.compile(r"(?m)^(\s*)# (authorization:|  type: Bearer|  credentials_file: )")
+    enabled = commented.sub(r"\1\2", PROMETHEUS_CONFIG.read_text())
     enabled = re.sub(r"credentials_file: \S+", f"credentials_file: {key_file}", enabled)
     config = tmp_path / "prometheus.yml"
     config.write_text(enabled)

@@ -165,7 +165,7 @@ def test_a_hub_that_never_answers_fails_naming_hf_endpoint(hub: FakeHub, monkeyp
     monkeypatch.setattr(preflight_module, "RETRY_WAITS_S", (0.0, 0.0))
     hub.fail(503)
 
-    with pytest.raises(StartupError, match="could not be reached to fetch MODEL_NAME 'org/model'.*HF_ENDPOINT"):
+    with pytest.raises(StartupError, match=r"could not be reached to fetch MODEL_NAME 'org/model'.*HF_ENDPOINT"):
         list_with_retries(model_repo("org/model"), None, hub.url)
     assert hub.requests["GET /api/models/org/model"] == 3
 

@@ -1,0 +1,107 @@
+"""Where the wrapper spends its CPU on the hot path, sampled with py-spy under load.
+
+While the load generator drives the wrapper at c=64 (streaming, then
+non-streaming), py-spy samples one wrapper worker without pausing it and
+writes a flame graph (SVG) and collapsed stacks; the stacks are reduced to the
+functions with the most samples (self and inclusive), which the report lists.
+py-spy runs on the client core, so the sampling does not take the gateway's CPU.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench.loadgen import Cell, LoadGenerator
+from bench.services import Service
+
+PROFILE_SECONDS = 5
+SAMPLE_RATE_HZ = 200
+TOP_FUNCTIONS = 25
+CONCURRENCY = 64
+FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*?)(?::\d+)?\)$")
+
+
+def py_spy() -> str | None:
+    """The py-spy executable beside this Python, or on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+def worker_pid(service: Service) -> int:
+    """The wrapper worker (`app.serve`) under the supervisor; the root process if there is none."""
+    processes = service.processes()
+    if not processes:
+        raise RuntimeError(f"{service.name} is not running")
+    for process in processes:
+        if "app.serve" in " ".join(process.cmdline()):
+            return process.pid
+    return processes[0].pid
+
+
+def _function(frame: str) -> str:
+    """'name (path/file.py:12)' -> 'name (path/file.py)': samples add up per function, not per line."""
+    match = FRAME.match(frame)
+    return f"{match['function']} ({match['file']})" if match else frame
+
+
+def top_functions(collapsed: str, limit: int = TOP_FUNCTIONS) -> tuple[int, list[dict[str, object]]]:
+    """Total samples and the `limit` functions with the most self samples, from py-spy's raw (collapsed) output."""
+    self_counts: Counter[str] = Counter()
+    total_counts: Counter[str] = Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        functions = [_function(frame) for frame in stack.split(";")]
+        self_counts[functions[-1]] += count
+        for function in set(functions):
+            total_counts[function] += count
+    top = [
+        {"function": function, "self": 100.0 * count / samples, "total": 100.0 * total_counts[function] / samples}
+        for function, count in self_counts.most_common(limit)
+    ]
+    return samples, top
+
+
+def _record(binary: str, pid: int, output: Path, fmt: str, core: int) -> subprocess.Popen[bytes]:
+    argv = ["taskset", "-c", str(core), binary, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
+            "--rate", str(SAMPLE_RATE_HZ), "--nonblocking", "--format", fmt, "--output", str(output)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def profile_wrapper(generator: LoadGenerator, service: Service, directory: Path,
+                    client_core: int) -> list[dict[str, object]]:
+    """Profile the wrapper during a streaming and a non-streaming c=64 cell; returns one entry per cell."""
+    binary = py_spy()
+    if binary is None:
+        raise RuntimeError("py-spy is not installed: `.venv/bin/pip install py-spy`")
+    pid = worker_pid(service)
+    profiles = []
+    for stream in (True, False):
+        name = "stream" if stream else "nonstream"
+        svg, raw = directory / f"profile-{name}.svg", directory / f"profile-{name}.txt"
+        cell = Cell(url=service.url, stream=stream, concurrency=CONCURRENCY, duration_s=PROFILE_SECONDS + 1.0,
+                    warmup_s=0.5)
+        running = generator.start(cell)
+        time.sleep(max(0.0, running.window_start - time.monotonic()))
+        recorders = [_record(binary, pid, svg, "flamegraph", client_core), _record(binary, pid, raw, "raw", client_core)]
+        for recorder in recorders:
+            _, stderr = recorder.communicate()
+            if recorder.returncode != 0:
+                raise RuntimeError(f"py-spy failed ({recorder.returncode}): {stderr.decode(errors='replace')[-500:]}")
+        running.result()
+        samples, top = top_functions(raw.read_text())
+        profiles.append({
+            "title": f"{'Streaming' if stream else 'Non-streaming'}, c={CONCURRENCY}",
+            "svg": svg.name, "collapsed": raw.name, "samples": samples, "top": top,
+        })
+    return profiles
