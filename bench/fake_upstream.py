@@ -233,7 +233,7 @@ class UpstreamProtocol(asyncio.Protocol):
 class _PacedStream:
     """Writes one token chunk per `delay_s`, like an engine decoding; timers, not tasks, to stay cheap."""
 
-    __slots__ = ("_transport", "_frames", "_tokens", "_index", "_delay_s", "_keep_alive", "_loop")
+    __slots__ = ("_delay_s", "_frames", "_index", "_keep_alive", "_loop", "_tokens", "_transport")
 
     def __init__(
         self, transport: asyncio.Transport, frames: tuple[bytes, ...], tokens: int, delay_s: float, keep_alive: bool

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from types import TracebackType
+from typing import Self
 
 import aiohttp
 import numpy as np
@@ -126,7 +127,7 @@ def summarize(samples: Samples) -> dict[str, float | int | None]:
 class _Window:
     """The measurement window on the monotonic clock, shared by every client of a cell."""
 
-    __slots__ = ("start", "end")
+    __slots__ = ("end", "start")
 
     def __init__(self, start: float, end: float) -> None:
         self.start = start
@@ -175,12 +176,11 @@ async def _read_stream(resp: aiohttp.ClientResponse, sent: float, window: _Windo
     while data := await readany():
         now = monotonic()
         buf = tail + data
-        # Events wholly inside `tail` were counted on the previous read.
+        # Patterns wholly inside `tail` were counted on the previous read.
         n = buf.count(EVENT) - tail.count(EVENT)
+        # The usage chunk's marker may end in a later read than its "data: {".
+        n_usage = buf.count(USAGE_EVENT) - tail.count(USAGE_EVENT)
         if n:
-            n_usage = buf.count(USAGE_EVENT) - tail.count(USAGE_EVENT)
-            n_tokens = n - n_usage
-            usage += n_usage
             if events == 0:
                 first_at = now
             else:
@@ -189,8 +189,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, sent: float, window: _Windo
                 gaps.extend(repeat(0.0, n - 1))  # events that arrived in the same read
             last_at = now
             events += n
-            if window.start <= now <= window.end:
-                out.chunks += n_tokens
+        if (n or n_usage) and window.start <= now <= window.end:
+            out.chunks += n - n_usage
+        usage += n_usage
         tail = buf[-TAIL:]
     done_at = monotonic()
     if not tail.endswith(DONE):
@@ -245,7 +246,7 @@ class LoadGenerator:
         self._cpus = frozenset(cpus) if cpus is not None else None
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> LoadGenerator:
+    def __enter__(self) -> Self:
         self._pool = ProcessPoolExecutor(
             max_workers=self._processes,
             mp_context=multiprocessing.get_context("spawn"),
@@ -261,7 +262,7 @@ class LoadGenerator:
             return
         if exc_type is not None:
             # Interrupted mid-cell: the workers may be inside a long cell, so end them now.
-            for process in list((self._pool._processes or {}).values()):  # noqa: SLF001 - no public kill
+            for process in list((self._pool._processes or {}).values()):
                 process.kill()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = None

@@ -93,7 +93,8 @@ def profile_wrapper(generator: LoadGenerator, service: Service, directory: Path,
                     warmup_s=0.5)
         running = generator.start(cell)
         time.sleep(max(0.0, running.window_start - time.monotonic()))
-        recorders = [_record(binary, pid, svg, "flamegraph", client_core), _record(binary, pid, raw, "raw", client_core)]
+        recorders = [_record(binary, pid, output, fmt, client_core)
+                     for output, fmt in ((svg, "flamegraph"), (raw, "raw"))]
         for recorder in recorders:
             _, stderr = recorder.communicate()
             if recorder.returncode != 0:

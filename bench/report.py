@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+import matplotlib.pyplot as plt
 
 GATEWAY_LABELS = {
     "direct": "direct (no gateway)",
@@ -257,11 +257,11 @@ def _noise_lines(results: Results) -> list[str]:
     loads = ", ".join(f"{label}: {' / '.join(f'{x:.2f}' for x in load)}" for label, load in results.load_averages)
     lines = [f"- Load average (1/5/15 min): {loads or '—'}."]
     if spreads:
-        lines.append(f"- Spread of a cell's rate between repeats ((max−min)/median): median {_pct(statistics.median(spreads))}, "
-                     f"worst {_pct(max(spreads))}.")
+        lines.append("- Spread of a cell's rate between repeats ((max−min)/median): "
+                     f"median {_pct(statistics.median(spreads))}, worst {_pct(max(spreads))}.")
     if others:
-        lines.append(f"- CPU used on the gateway core by other processes during a cell: median {_pct(statistics.median(others))}, "
-                     f"worst {_pct(max(others))}.")
+        lines.append("- CPU used on the gateway core by other processes during a cell: "
+                     f"median {_pct(statistics.median(others))}, worst {_pct(max(others))}.")
     if steal:
         lines.append(f"- VM steal time: worst {_pct(max(steal))} of a cell.")
     return lines
@@ -273,11 +273,13 @@ def markdown(results: Results, outcomes: list[Outcome], plots: list[Path]) -> st
     out = [
         "# Gateway benchmark results",
         "",
-        f"Run {results.started}, commit {results.commit}. "
-        f"{'Quick smoke run' if plan.get('quick') else 'Full run'}: {plan.get('repeats')} repeat(s) of every cell, "
-        f"{plan.get('duration_s')} s measured after {plan.get('warmup_s')} s of warm-up; each figure is the median over repeats.",
-        f"Machine: {m.get('cpus')} × {m.get('cpu_model')}, {m.get('memory_gib')} GiB, Linux {m.get('kernel')}, "
-        f"Python {m.get('python')}. Gateways pinned to core 0; fake upstream, load generator and runner on core 1.",
+        (f"Run {results.started}, commit {results.commit}. "
+         f"{'Quick smoke run' if plan.get('quick') else 'Full run'}: {plan.get('repeats')} repeat(s) of every cell, "
+         f"{plan.get('duration_s')} s measured after {plan.get('warmup_s')} s of warm-up; "
+         "each figure is the median over repeats."),
+        (f"Machine: {m.get('cpus')} × {m.get('cpu_model')}, {m.get('memory_gib')} GiB, Linux {m.get('kernel')}, "
+         f"Python {m.get('python')}. Gateways pinned to core {plan.get('gateway_core', 0)}; fake upstream, "
+         f"load generator and runner on core {plan.get('client_core', 1)}."),
         "",
     ]
     out += [f"> {note}" for note in results.notes]
@@ -391,8 +393,8 @@ def plots(results: Results, directory: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
         for ax, (scenario, metric) in zip(axes[0], panels, strict=True):
             what = "TTFT" if metric == "ttft" else "latency"
-            _plot_scenario(ax, results, scenario, f"{metric}_ms_p50",
-                           f"{'Streaming' if scenario == 'stream' else 'Non-streaming'} {what}: p50 (solid), p99 (dashed)",
+            kind = "Streaming" if scenario == "stream" else "Non-streaming"
+            _plot_scenario(ax, results, scenario, f"{metric}_ms_p50", f"{kind} {what}: p50 (solid), p99 (dashed)",
                            f"{what} (ms)", dashed_metric=f"{metric}_ms_p99")
             ax.set_yscale("log")
         fig.tight_layout()

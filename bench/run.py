@@ -294,8 +294,10 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per cell (default 2; quick: 1)")
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds of warm-up per cell (default 0.5; quick: 0.3)")
-    parser.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,2,4,8,16,32,64)")
-    parser.add_argument("--client-processes", type=int, default=1, help="load generator processes (all on the client core)")
+    parser.add_argument("--concurrency", default=None,
+                        help="comma-separated client counts (default 1,2,4,8,16,32,64)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="load generator processes (all on the client core)")
     parser.add_argument("--gateway-core", type=int, choices=(0, 1), default=0,
                         help="core for the gateways; the other core runs upstream and clients (default 0)")
     args = parser.parse_args(argv)
@@ -338,8 +340,9 @@ def preflight(plan: Plan) -> None:
         sys.exit("bench: nginx is not installed; install it with `apt-get install -y nginx`")
     if plan.profile and py_spy() is None:
         sys.exit("bench: --profile needs py-spy; install it with `.venv/bin/pip install py-spy`")
-    if (plan.engine or plan.workers or plan.profile) and wrapper_missing():
-        sys.exit(f"bench: --engine, --workers and --profile measure the wrapper, which is not there ({wrapper_missing()})")
+    missing = wrapper_missing()
+    if (plan.engine or plan.workers or plan.profile) and missing:
+        sys.exit(f"bench: --engine, --workers and --profile measure the wrapper, which is missing ({missing})")
     if plan.engine and not (ENGINE_MODEL / "config.json").is_file():
         sys.exit(f"bench: --engine needs the tiny model in {ENGINE_MODEL}; build it with "
                  "`.venv/bin/python tools/build_test_models.py`")

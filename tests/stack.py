@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("TEST_MODELS_DIR", ROOT / ".models"))
 START_SH = ROOT / "scripts" / "start.sh"
 ENGINE_READY_TIMEOUT_S = 420.0
+# Every stack port is PORT_BASE + a fixed offset, so two test runs on one
+# machine can use different bases (E2E_PORT_BASE) without colliding.
+PORT_BASE = int(os.environ.get("E2E_PORT_BASE", "9000"))
+
+
+def port(offset: int) -> int:
+    return PORT_BASE + offset
 
 # Small and fast on two CPU cores: eager mode (no compile), a 1 GiB KV cache.
 CPU_ENGINE_ENV = {

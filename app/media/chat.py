@@ -138,10 +138,11 @@ async def prepare_chat_media(body: dict[str, Any], policy: MediaPolicy, fetcher:
     try:
         replaced = await asyncio.gather(*tasks)
     except Exception:
-        # The first refusal answers the request; the other parts' work is dropped.
+        # The first refusal answers the request; the other parts' work is dropped
+        # (and their outcomes collected, so none is reported as never retrieved).
         for task in tasks:
             task.cancel()
-        await asyncio.wait(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise
     changed = changed or any(replaced)
     return MediaCounts(text=text, image=len(images), video=len(videos), changed=changed)

@@ -7,7 +7,10 @@ memory. Here, in a worker thread of the wrapper:
 - only PNG, JPEG, WebP and GIF are opened (Pillow's other parsers never see
   the bytes);
 - the pixel count is read from the header and checked against
-  MAX_IMAGE_PIXELS before any pixel is decoded (decompression bombs);
+  MAX_IMAGE_PIXELS before any pixel is decoded (decompression bombs).
+  Pillow's own guard (DecompressionBombError beyond twice its 89 M-pixel
+  default) also answers 400; its DecompressionBombWarning fires at the same
+  point as the explicit check, so it needs no handling of its own;
 - the first frame is decoded once, which finds truncated and corrupt data;
 - an image whose longer side exceeds MAX_IMAGE_SIDE is downscaled, keeping
   its aspect ratio, and re-encoded (PNG stays PNG, JPEG stays JPEG, WebP stays
@@ -91,7 +94,7 @@ def _decode(image: Image.Image, source_format: str) -> None:
 
 
 def _downscale(image: Image.Image, source_format: str, max_side: int) -> CheckedImage:
-    image = _apply_exif_orientation(image)
+    _apply_exif_orientation(image)
     if image.mode not in ("RGB", "RGBA", "L", "LA"):
         has_alpha = "A" in image.getbands() or "transparency" in image.info
         image = image.convert("RGBA" if has_alpha else "RGB")
@@ -105,13 +108,12 @@ def _downscale(image: Image.Image, source_format: str, max_side: int) -> Checked
     return CheckedImage(IMAGE_FORMATS[out_format], image.width, image.height, buffer.getvalue())
 
 
-def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+def _apply_exif_orientation(image: Image.Image) -> None:
     # The engine turns images upright by their EXIF orientation and ignores a
     # broken EXIF block (vllm.multimodal.image.normalize_image); the
     # re-encoded copy carries no EXIF, so it is turned here the same way.
     with contextlib.suppress(Exception):
-        return ImageOps.exif_transpose(image)
-    return image
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of a big image
 
 
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:

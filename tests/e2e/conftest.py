@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import Stack, kill_tree, model_dir, start_stack
+from tests.stack import Stack, kill_tree, model_dir, port, start_stack
 
 TEXT_MODEL = "tiny-chat"
 VLM_MODEL = "tiny-vl"
-_ports = itertools.count(9100, 2)
+_ports = itertools.count(port(100), 2)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def _stop(stack: Stack) -> None:
 def text_stack(logs_dir: Path) -> Iterator[Stack]:
     """Tiny random-weight Llama behind the full stack, served as `tiny-chat`."""
     stack = start_stack(
-        model_dir("tiny-llama"), port=9001, vllm_port=9002, log_path=logs_dir / "text.log",
+        model_dir("tiny-llama"), port=port(1), vllm_port=port(2), log_path=logs_dir / "text.log",
         extra_env={"SERVED_MODEL_NAME": TEXT_MODEL, "MAX_MODEL_LEN": "2048", "MAX_NUM_SEQS": "64"},
     )
     yield stack
@@ -48,7 +48,7 @@ def text_stack(logs_dir: Path) -> Iterator[Stack]:
 def vlm_stack(logs_dir: Path) -> Iterator[Stack]:
     """Tiny random-weight Qwen2-VL, two images and one video per prompt."""
     stack = start_stack(
-        model_dir("tiny-qwen2-vl"), port=9011, vllm_port=9012, log_path=logs_dir / "vlm.log",
+        model_dir("tiny-qwen2-vl"), port=port(11), vllm_port=port(12), log_path=logs_dir / "vlm.log",
         extra_env={
             "SERVED_MODEL_NAME": VLM_MODEL, "MAX_MODEL_LEN": "2048", "IMAGE_LIMIT": "2", "VIDEO_LIMIT": "1",
             "MAX_IMAGE_SIDE": "256", "ALLOW_PRIVATE_MEDIA_URLS": "true",

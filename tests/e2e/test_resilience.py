@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.e2e.conftest import TEXT_MODEL
-from tests.stack import Stack, engine_gauge, kill_tree, model_dir, start_stack
+from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_stack
 
 def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[str, object]:
     body: dict[str, object] = {
@@ -112,7 +112,7 @@ def test_keepalive_comments_before_the_first_token(text_stack: Stack, wrapper) -
 @pytest.fixture(scope="module")
 def restart_stack(logs_dir: Path) -> Iterator[Stack]:
     stack = start_stack(
-        model_dir("tiny-llama"), port=9041, vllm_port=9042, log_path=logs_dir / "restart.log",
+        model_dir("tiny-llama"), port=port(41), vllm_port=port(42), log_path=logs_dir / "restart.log",
         extra_env={"SERVED_MODEL_NAME": TEXT_MODEL, "MAX_MODEL_LEN": "2048", "ON_ENGINE_FAILURE": "restart",
                    "DRAIN_TIMEOUT_S": "60"},
     )
@@ -200,7 +200,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> 
 
 def test_engine_death_with_on_engine_failure_exit_stops_the_container(logs_dir: Path) -> None:
     stack = start_stack(
-        model_dir("tiny-llama"), port=9051, vllm_port=9052, log_path=logs_dir / "exit.log",
+        model_dir("tiny-llama"), port=port(51), vllm_port=port(52), log_path=logs_dir / "exit.log",
         extra_env={"MAX_MODEL_LEN": "512", "ON_ENGINE_FAILURE": "exit"},
     )
     try:

@@ -6,6 +6,7 @@ import base64
 import copy
 import dataclasses
 import ipaddress
+import time
 from collections.abc import AsyncIterator
 from io import BytesIO
 from typing import Any
@@ -390,3 +391,13 @@ async def test_wrongly_shaped_image_parts_are_400() -> None:
     assert error.status == 400 and error.param == "messages[1].content[1].image_url"
     error = await refusal(chat({"type": "image_url", "image_url": ["http://example.com/a.png"]}))
     assert error.status == 400
+
+
+@pytest.mark.asyncio
+async def test_one_refused_part_ends_the_request_without_waiting_for_the_others(server: MediaServer) -> None:
+    server.add_slow("/slow.png", 5)
+    body = chat(image(server.url("/slow.png", TEST_HOST)), image("file:///etc/passwd"))
+    started = time.monotonic()
+    error = await refusal(body, media_policy({"MEDIA_FETCH_TIMEOUT_S": "5"}))
+    assert time.monotonic() - started < 1.0
+    assert error.param == "messages[1].content[2].image_url"

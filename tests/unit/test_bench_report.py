@@ -1,0 +1,104 @@
+"""The benchmark report judges each target from paired repeats and says PASS, FAIL or not measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.profile import top_functions
+from bench.report import Outcome, Results, evaluate_targets, write
+
+
+def results_with(cells: dict[tuple[str, str, int], list[dict[str, float]]]) -> Results:
+    results = Results(started="2026-01-01T00:00:00+00:00", commit="abc", machine={"cpus": 2}, plan={"repeats": 3})
+    for (scenario, gateway, c), repeats in cells.items():
+        for rep, metrics in enumerate(repeats):
+            summary = {"chunks_per_s": 0.0, "requests_per_s": 0.0, "errors": 0, **metrics}
+            results.add(scenario, gateway, c, rep, summary, {"gateway_cpu": 1.0, "core0_busy": 1.0, "core1_busy": 0.5},
+                        "gateway", {})
+    return results
+
+
+def outcome(results: Results, prefix: str) -> Outcome:
+    return next(o for o in evaluate_targets(results) if o.target.startswith(prefix))
+
+
+def test_ratio_targets_use_the_median_of_paired_repeats() -> None:
+    results = results_with({
+        ("stream", "wrapper", 64): [{"chunks_per_s": 50.0}, {"chunks_per_s": 70.0}, {"chunks_per_s": 90.0}],
+        ("stream", "nginx", 64): [{"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}],
+        ("nonstream", "wrapper", 64): [{"requests_per_s": 150.0}] * 3,
+        ("nonstream", "aiohttp", 64): [{"requests_per_s": 100.0}] * 3,
+    })
+
+    streaming = outcome(results, "Streaming chunk rate vs nginx")
+    non_streaming = outcome(results, "Non-streaming requests/s")
+
+    assert (streaming.result, streaming.value, streaming.low, streaming.high) == ("PASS", 0.7, 0.5, 0.9)
+    assert (non_streaming.result, non_streaming.value) == ("FAIL", 1.5)
+
+
+def test_difference_targets_and_missing_cells() -> None:
+    results = results_with({
+        ("stream", "wrapper", 1): [{"ttft_ms_p50": 1.0}, {"ttft_ms_p50": 0.7}],
+        ("stream", "direct", 1): [{"ttft_ms_p50": 0.3}, {"ttft_ms_p50": 0.3}],
+    })
+
+    added = outcome(results, "Added TTFT")
+
+    assert added.result == "FAIL"
+    assert added.value == pytest.approx(0.55)  # median of the paired differences 0.7 and 0.4
+    assert outcome(results, "Decode (5 ms/token, c=64): chunk rate").result == "not measured"
+    assert outcome(results, "Real CPU engine").result == "not measured"
+
+
+def test_engine_target_is_decided_by_the_worst_concurrency() -> None:
+    results = results_with({
+        ("engine", "wrapper", 1): [{"chunks_per_s": 99.0}] * 3,
+        ("engine", "direct", 1): [{"chunks_per_s": 100.0}] * 3,
+        ("engine", "wrapper", 8): [{"chunks_per_s": 95.0}] * 3,
+        ("engine", "direct", 8): [{"chunks_per_s": 100.0}] * 3,
+    })
+
+    engine = outcome(results, "Real CPU engine")
+
+    assert engine.result == "FAIL"
+    assert engine.value == 0.95 and "c=8" in engine.measured
+
+
+def test_write_produces_markdown_json_and_plots(tmp_path: Path) -> None:
+    results = results_with({
+        ("stream", gateway, c): [{"chunks_per_s": rate * c, "ttft_ms_p50": 1.0, "ttft_ms_p99": 2.0}] * 3
+        for gateway, rate in (("direct", 300.0), ("nginx", 200.0), ("wrapper", 150.0)) for c in (1, 64)
+    })
+
+    paths = write(results, tmp_path)
+
+    assert {p.name for p in paths} == {"latest.md", "latest.json", "throughput.png", "latency.png"}
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| Streaming chunk rate vs nginx" in markdown and "**PASS**" in markdown
+    data = json.loads((tmp_path / "latest.json").read_text())
+    cell = next(c for c in data["cells"]
+                if (c["scenario"], c["gateway"], c["concurrency"]) == ("stream", "wrapper", 64))
+    assert cell["median"]["chunks_per_s"] == 150.0 * 64
+    assert len(cell["repeats"]) == 3
+    assert (tmp_path / "throughput.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_profile_stacks_reduce_to_self_and_total_shares() -> None:
+    collapsed = (
+        "main (app/serve.py:10);relay (app/proxy/relay.py:40);json.loads (json/__init__.py:346) 6\n"
+        "main (app/serve.py:10);relay (app/proxy/relay.py:55) 3\n"
+        "main (app/serve.py:12);log (app/observability/access.py:20) 1\n"
+    )
+
+    samples, top = top_functions(collapsed)
+
+    assert samples == 10
+    shares = {row["function"]: (row["self"], row["total"]) for row in top}
+    assert shares["json.loads (json/__init__.py)"] == (60.0, 60.0)
+    assert shares["relay (app/proxy/relay.py)"] == (30.0, 90.0)  # lines 40 and 55 are one function
+    assert shares["log (app/observability/access.py)"] == (10.0, 10.0)
+    assert "main (app/serve.py)" not in shares  # no self samples
