@@ -24,9 +24,16 @@ CLIENT_BOUND = 0.95  # busy share of the client core above which the client side
 
 
 @dataclass(frozen=True, slots=True)
+class CoreTimes:
+    total: float
+    idle: float  # idle + iowait
+    steal: float
+
+
+@dataclass(frozen=True, slots=True)
 class CpuSnapshot:
     at: float
-    cores: list[psutil._common.scputimes]  # type: ignore[name-defined]  # psutil's per-core named tuple
+    cores: list[CoreTimes]
     gateway_s: float
 
 
@@ -42,7 +49,8 @@ def _process_seconds(processes: Iterable[psutil.Process]) -> float:
 
 
 def snapshot(gateway: Iterable[psutil.Process]) -> CpuSnapshot:
-    return CpuSnapshot(time.monotonic(), psutil.cpu_times(percpu=True), _process_seconds(gateway))
+    cores = [CoreTimes(sum(t), t.idle + t.iowait, t.steal) for t in psutil.cpu_times(percpu=True)]
+    return CpuSnapshot(time.monotonic(), cores, _process_seconds(gateway))
 
 
 def usage(before: CpuSnapshot, after: CpuSnapshot, gateway_core: int | None) -> dict[str, float]:
@@ -51,12 +59,11 @@ def usage(before: CpuSnapshot, after: CpuSnapshot, gateway_core: int | None) -> 
     out: dict[str, float] = {}
     steal = 0.0
     for index, (b, a) in enumerate(zip(before.cores, after.cores, strict=True)):
-        total = sum(a) - sum(b)
-        idle = (a.idle - b.idle) + (a.iowait - b.iowait)
-        out[f"core{index}_busy"] = 0.0 if total <= 0 else max(0.0, 1.0 - idle / total)
+        total = a.total - b.total
+        out[f"core{index}_busy"] = 0.0 if total <= 0 else max(0.0, 1.0 - (a.idle - b.idle) / total)
         steal += 0.0 if total <= 0 else (a.steal - b.steal) / total
     out["steal"] = steal / max(1, len(before.cores))
-    # Processes that moved between snapshots are undercounted; a gateway tree is stable during a cell.
+    # A process that starts or ends between the snapshots is missed; a gateway's tree is stable during a cell.
     out["gateway_cpu"] = max(0.0, (after.gateway_s - before.gateway_s) / wall) if wall > 0 else 0.0
     if gateway_core is not None:
         out["other_on_gateway_core"] = max(0.0, out[f"core{gateway_core}_busy"] - out["gateway_cpu"])

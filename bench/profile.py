@@ -3,7 +3,10 @@
 While the load generator drives the wrapper at c=64 (streaming, then
 non-streaming), py-spy samples one wrapper worker without pausing it and
 writes a flame graph (SVG) and collapsed stacks; the stacks are reduced to the
-functions with the most samples (self and inclusive), which the report lists.
+functions with the most samples (self and inclusive) and to self time per
+package (the wrapper's own modules one by one), which the report lists.
+Time spent in C (uvloop, httptools, syscalls) counts towards the Python frame
+that called it.
 py-spy runs on the client core, so the sampling does not take the gateway's CPU.
 """
 
@@ -44,16 +47,24 @@ def worker_pid(service: Service) -> int:
     return processes[0].pid
 
 
-def _function(frame: str) -> str:
-    """'name (path/file.py:12)' -> 'name (path/file.py)': samples add up per function, not per line."""
+def _split(frame: str) -> tuple[str, str]:
+    """'name (path/file.py:12)' -> ('name (path/file.py)', 'path/file.py'): samples add up per function."""
     match = FRAME.match(frame)
-    return f"{match['function']} ({match['file']})" if match else frame
+    return (f"{match['function']} ({match['file']})", match["file"]) if match else (frame, frame)
 
 
-def top_functions(collapsed: str, limit: int = TOP_FUNCTIONS) -> tuple[int, list[dict[str, object]]]:
-    """Total samples and the `limit` functions with the most self samples, from py-spy's raw (collapsed) output."""
+def _component(file: str) -> str:
+    """The wrapper's own modules by file; everything else by package (aiohttp, uvicorn, asyncio, logging...)."""
+    if file.startswith("app/"):
+        return file
+    return file.split("/", 1)[0].removesuffix(".py")
+
+
+def summarize_stacks(collapsed: str, limit: int = TOP_FUNCTIONS) -> dict[str, object]:
+    """From py-spy's raw (collapsed) stacks: sample count, top functions (self and inclusive %), self % by package."""
     self_counts: Counter[str] = Counter()
     total_counts: Counter[str] = Counter()
+    components: Counter[str] = Counter()
     samples = 0
     for line in collapsed.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -61,15 +72,19 @@ def top_functions(collapsed: str, limit: int = TOP_FUNCTIONS) -> tuple[int, list
             continue
         count = int(count_text)
         samples += count
-        functions = [_function(frame) for frame in stack.split(";")]
-        self_counts[functions[-1]] += count
-        for function in set(functions):
+        frames = [_split(frame) for frame in stack.split(";")]
+        leaf_function, leaf_file = frames[-1]
+        self_counts[leaf_function] += count
+        components[_component(leaf_file)] += count
+        for function in {function for function, _ in frames}:
             total_counts[function] += count
-    top = [
-        {"function": function, "self": 100.0 * count / samples, "total": 100.0 * total_counts[function] / samples}
-        for function, count in self_counts.most_common(limit)
-    ]
-    return samples, top
+    share = 100.0 / samples if samples else 0.0
+    return {
+        "samples": samples,
+        "top": [{"function": f, "self": n * share, "total": total_counts[f] * share}
+                for f, n in self_counts.most_common(limit)],
+        "components": [{"component": c, "self": n * share} for c, n in components.most_common(limit)],
+    }
 
 
 def _record(binary: str, pid: int, output: Path, fmt: str, core: int) -> subprocess.Popen[bytes]:
@@ -100,9 +115,8 @@ def profile_wrapper(generator: LoadGenerator, service: Service, directory: Path,
             if recorder.returncode != 0:
                 raise RuntimeError(f"py-spy failed ({recorder.returncode}): {stderr.decode(errors='replace')[-500:]}")
         running.result()
-        samples, top = top_functions(raw.read_text())
         profiles.append({
             "title": f"{'Streaming' if stream else 'Non-streaming'}, c={CONCURRENCY}",
-            "svg": svg.name, "collapsed": raw.name, "samples": samples, "top": top,
+            "svg": svg.name, "collapsed": raw.name, **summarize_stacks(raw.read_text()),
         })
     return profiles

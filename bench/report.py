@@ -32,6 +32,7 @@ RATE_METRIC = {
     "nonstream": "requests_per_s", "scale-nonstream": "requests_per_s",
 }
 TARGET_CONCURRENCY = 64
+CPU_COST = {"cpu_us_per_request": "requests_per_s", "cpu_us_per_chunk": "chunks_per_s"}
 
 
 @dataclasses.dataclass
@@ -100,6 +101,10 @@ class Results:
 
 
 def _metric(repeat: Repeat, metric: str) -> float | None:
+    if metric in CPU_COST:
+        # Gateway CPU time per request or chunk: what the gateway costs, whatever else ran on the machine.
+        rate = repeat.summary.get(CPU_COST[metric]) or 0.0
+        return 1e6 * repeat.cpu.get("gateway_cpu", 0.0) / float(rate) if rate else None
     value = repeat.summary.get(metric, repeat.cpu.get(metric))
     return None if value is None else float(value)
 
@@ -235,6 +240,22 @@ def _latency_table(results: Results, scenario: str, metric: str) -> list[str]:
     return _table(headers, rows)
 
 
+def _cpu_cost_table(results: Results) -> list[str]:
+    """Gateway CPU time per request at the highest concurrency: robust to other load on the machine."""
+    rows = []
+    for scenario, what in (("stream", "streamed request (64 chunks)"), ("nonstream", "non-streamed request"),
+                           ("decode", "streamed request, 5 ms/token")):
+        cs = results.concurrencies(scenario)
+        if not cs:
+            continue
+        c = cs[-1]
+        gateways = [g for g in results.gateways("stream") if g != "direct"]
+        rows.append([f"{what}, c={c}",
+                     *(_rate(results.median(scenario, g, c, "cpu_us_per_request")) for g in gateways)])
+    gateways = [g for g in results.gateways("stream") if g != "direct"]
+    return _table(["gateway CPU per request (µs)", *(_label(g) for g in gateways)], rows) if rows else []
+
+
 def _added_latency_table(results: Results) -> list[str]:
     rows = []
     for scenario, metric, what in (("stream", "ttft_ms_p50", "TTFT p50, streaming"),
@@ -300,6 +321,9 @@ def markdown(results: Results, outcomes: list[Outcome], plots: list[Path]) -> st
         out += ["## Streaming: total latency p50 / p99 (ms)", "", *_latency_table(results, "stream", "latency")]
     if results.concurrencies("nonstream"):
         out += ["## Non-streaming: latency p50 / p99 (ms)", "", *_latency_table(results, "nonstream", "latency")]
+    cost = _cpu_cost_table(results)
+    if cost:
+        out += ["## Gateway CPU cost (process CPU time / requests; lower is better)", "", *cost]
     if results.concurrencies("stream") and 1 in results.concurrencies("stream"):
         out += ["## Added latency at c=1 (median of paired repeats)", "", *_added_latency_table(results)]
     if results.concurrencies("decode"):
@@ -328,6 +352,9 @@ def markdown(results: Results, outcomes: list[Outcome], plots: list[Path]) -> st
         out += ["## Where the wrapper's time goes (py-spy, c=64)", ""]
         for prof in results.profiles:
             out += [f"### {prof['title']}", "", f"Flame graph: `{prof['svg']}`; {prof['samples']} samples.", ""]
+            out += _table(["self %", "package or wrapper module"],
+                          ([f"{row['self']:.1f}", f"`{row['component']}`"]
+                           for row in prof["components"]))  # type: ignore[attr-defined]
             out += _table(["self %", "total %", "function"],
                           ([f"{row['self']:.1f}", f"{row['total']:.1f}", f"`{row['function']}`"]
                            for row in prof["top"]))  # type: ignore[attr-defined]
@@ -340,11 +367,13 @@ def markdown(results: Results, outcomes: list[Outcome], plots: list[Path]) -> st
         rows.append([scenario, gateway, str(c), _rate(results.median(scenario, gateway, c, metric)),
                      _pct(results.spread((scenario, gateway, c))),
                      _pct(results.median(scenario, gateway, c, "gateway_cpu")),
+                     _rate(results.median(scenario, gateway, c, "cpu_us_per_request")),
+                     _pct(results.median(scenario, gateway, c, "other_on_gateway_core")),
                      _pct(results.median(scenario, gateway, c, "core0_busy")),
                      _pct(results.median(scenario, gateway, c, "core1_busy")),
                      "/".join(bottlenecks), str(errors)])
-    out += _table(["scenario", "gateway", "c", "rate", "spread", "gateway CPU", "core 0", "core 1", "limited by",
-                   "errors"], rows)
+    out += _table(["scenario", "gateway", "c", "rate (chunks/s or req/s)", "spread", "gateway CPU",
+                   "CPU µs/request", "other load on gateway core", "core 0", "core 1", "limited by", "errors"], rows)
     if plots:
         out += ["## Plots", "", *(f"![{p.stem}]({p.name})" for p in plots), ""]
     return "\n".join(out)

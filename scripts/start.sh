@@ -9,6 +9,8 @@ set -euo pipefail
 APP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${APP_ROOT}${PYTHONPATH:+:${PYTHONPATH}}"
 export PYTHONUNBUFFERED=1
+# huggingface_hub otherwise makes a telemetry call to the Hub from every process.
+export HF_HUB_DISABLE_TELEMETRY="${HF_HUB_DISABLE_TELEMETRY:-1}"
 PYTHON="${PYTHON:-python3}"
 
 exec "${PYTHON}" -m app.lifecycle.supervisor "$@"

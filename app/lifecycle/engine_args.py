@@ -21,6 +21,9 @@ from pathlib import Path
 from app.config import ConfigError, Settings
 
 
+ENGINE_MEDIA_DOMAIN = "media-fetch.invalid"
+
+
 @dataclass(frozen=True)
 class EngineLaunch:
     argv: list[str]
@@ -75,6 +78,9 @@ def build_engine_args(
     }
     if media_limits:
         args += ["--limit-mm-per-prompt", json.dumps(media_limits, separators=(",", ":"))]
+        # The wrapper fetches media itself (SSRF checks) and forwards data: URLs; the
+        # engine is told to fetch nothing, for the routes the wrapper does not inspect.
+        args += ["--allowed-media-domains", ENGINE_MEDIA_DOMAIN]
 
     if settings.TRUST_REMOTE_CODE:
         args.append("--trust-remote-code")
@@ -95,6 +101,7 @@ def engine_env(settings: Settings, device: str, base: Mapping[str, str] | None =
     """The engine's environment: the caller's, plus what the CPU build needs."""
     env = dict(os.environ if base is None else base)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
     if device == "cpu":
         # The CPU build binds its internal queues to the external address and asks
         # for 92% of the NUMA node's memory unless told otherwise.

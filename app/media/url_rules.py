@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from yarl import URL
 
+from app.config import ConfigError
 from app.errors import APIError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -200,6 +201,14 @@ def _ip_literal(host: str) -> IPAddress | None:
 def _normalize_domain(domain: str) -> str:
     """Lower-case, no trailing dot, internationalized names in their ASCII (punycode) form."""
     wildcard = domain.startswith("*.")
-    name = domain[2:] if wildcard else domain
-    ascii_name = URL.build(scheme="http", host=normalize_host(name.strip())).raw_host or ""
+    name = normalize_host(domain[2:] if wildcard else domain)
+    try:
+        ascii_name = URL.build(scheme="http", host=name).raw_host
+    except ValueError:
+        ascii_name = None
+    if not ascii_name:
+        raise ConfigError(
+            f"Invalid setting ALLOWED_MEDIA_DOMAINS: '{domain}' is not a host name "
+            "(write hosts like cdn.example.com or *.example.com, without scheme, port or path)"
+        )
     return f"*.{ascii_name}" if wildcard else ascii_name

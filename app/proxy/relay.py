@@ -103,7 +103,7 @@ class V1Proxy:
         if isinstance(model, str):
             record.model = model
         changed = False
-        if scope["path"] == "/v1/chat/completions" and isinstance(payload.get("messages"), list):
+        if isinstance(payload.get("messages"), list):  # chat, and the routes that take chat messages
             counts = await prepare_chat_media(payload, self.gateway.media_policy, self.gateway.media_fetcher)
             record.text_parts, record.images, record.videos = counts.text, counts.image, counts.video
             changed = counts.changed

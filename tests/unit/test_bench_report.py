@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.profile import top_functions
+from bench.profile import summarize_stacks
 from bench.report import Outcome, Results, evaluate_targets, write
 
 
@@ -94,11 +94,13 @@ def test_profile_stacks_reduce_to_self_and_total_shares() -> None:
         "main (app/serve.py:12);log (app/observability/access.py:20) 1\n"
     )
 
-    samples, top = top_functions(collapsed)
+    summary = summarize_stacks(collapsed)
 
-    assert samples == 10
-    shares = {row["function"]: (row["self"], row["total"]) for row in top}
+    assert summary["samples"] == 10
+    shares = {row["function"]: (row["self"], row["total"]) for row in summary["top"]}
     assert shares["json.loads (json/__init__.py)"] == (60.0, 60.0)
     assert shares["relay (app/proxy/relay.py)"] == (30.0, 90.0)  # lines 40 and 55 are one function
     assert shares["log (app/observability/access.py)"] == (10.0, 10.0)
     assert "main (app/serve.py)" not in shares  # no self samples
+    by_component = {row["component"]: row["self"] for row in summary["components"]}
+    assert by_component == {"json": 60.0, "app/proxy/relay.py": 30.0, "app/observability/access.py": 10.0}

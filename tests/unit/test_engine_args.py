@@ -7,7 +7,7 @@ import json
 import pytest
 
 from app.config import ConfigError, load_settings
-from app.lifecycle.engine_args import build_engine_args, build_engine_launch, engine_env
+from app.lifecycle.engine_args import ENGINE_MEDIA_DOMAIN, build_engine_args, build_engine_launch, engine_env
 
 TEXT = frozenset({"text"})
 VISION = frozenset({"text", "image", "video"})
@@ -61,6 +61,12 @@ def test_media_limits_only_for_modalities_the_model_has() -> None:
     settings = load_settings({"IMAGE_LIMIT": "2", "VIDEO_LIMIT": "1"})
     args = build_engine_args(settings, "/m", frozenset({"text", "image"}))
     assert json.loads(flag(args, "--limit-mm-per-prompt")) == {"image": 2}
+
+
+def test_engine_fetches_no_media_urls_itself() -> None:
+    args = build_engine_args(load_settings({}), "/m", VISION)
+    assert flag(args, "--allowed-media-domains") == ENGINE_MEDIA_DOMAIN
+    assert ENGINE_MEDIA_DOMAIN.endswith(".invalid")  # a reserved name that never resolves
 
 
 def test_lora_modules_enable_lora() -> None:

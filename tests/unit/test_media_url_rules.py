@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from app.config import ConfigError
 from app.errors import APIError
 from app.media.url_rules import UrlPolicy, check_address, check_url
 
@@ -129,3 +130,9 @@ def test_trusted_pairs_allow_one_host_on_one_address() -> None:
         check_address("other.example.test", loopback, policy)
     with pytest.raises(APIError):
         check_url("http://127.0.0.1/x.png", policy)
+
+
+@pytest.mark.parametrize("entry", ["https://cdn.example.com", "cdn.example.com:443", "cdn.example.com/images", "*."])
+def test_malformed_allowed_domains_fail_at_start_naming_the_setting(entry: str) -> None:
+    with pytest.raises(ConfigError, match="ALLOWED_MEDIA_DOMAINS"):
+        UrlPolicy(allowed_domains=(entry,))
