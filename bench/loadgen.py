@@ -160,7 +160,7 @@ async def _client(session: aiohttp.ClientSession, cell: Cell, window: _Window, o
                         out.latency_s.append(done_at - sent)
                     continue
                 await _read_stream(resp, sent, window, out)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             out.errors[type(exc).__name__] += 1
 
 

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     missing = wrapper_missing()
     results = report.Results(
-        started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        started=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         commit=git_commit(), machine=machine.describe(), plan=dataclasses.asdict(plan),
         notes=[f"The wrapper was not measured: {missing}."] if missing else [],
     )

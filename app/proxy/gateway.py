@@ -26,6 +26,12 @@ from app.proxy.admission import Admission
 from app.readiness import Readiness
 
 
+def per_worker(total: int, workers: int) -> int:
+    """A share of a server-wide limit: the kernel spreads connections evenly over
+    the workers (SO_REUSEPORT), so each enforces its part; 0 stays "no limit"."""
+    return 0 if total == 0 else max(1, -(-total // workers))
+
+
 @dataclass
 class Gateway:
     settings: Settings
@@ -47,7 +53,11 @@ class Gateway:
         self.engine_url = settings.engine_url
         self.readiness = Readiness(self.status_file, self.engine_url)
         self.keys = KeyCheck(settings.api_keys)
-        self.admission = Admission(settings.MAX_CONCURRENT_REQUESTS, settings.MAX_QUEUE, settings.QUEUE_TIMEOUT_S)
+        self.admission = Admission(
+            per_worker(settings.MAX_CONCURRENT_REQUESTS, settings.WORKERS),
+            per_worker(settings.MAX_QUEUE, settings.WORKERS),
+            settings.QUEUE_TIMEOUT_S,
+        )
         self.request_timeout = aiohttp.ClientTimeout(total=settings.REQUEST_TIMEOUT_S)
         self.stream_timeout = aiohttp.ClientTimeout(
             total=settings.REQUEST_TIMEOUT_S, sock_read=settings.STREAM_IDLE_TIMEOUT_S

@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""A small client for the API, built on the official `openai` SDK.
+
+The deployment speaks the OpenAI chat API, so the SDK does the HTTP work; what
+it leaves to every caller is packing local media into messages (base64 data
+URLs with the right MIME type, video parts) and deciding how to retry. This
+module does both once, synchronously and with asyncio, and doubles as a demo:
+
+    python client_example.py --base-url http://localhost:8000 "Describe this" --image cat.jpg
+    python client_example.py --base-url URL --stream "Tell me a story"
+    python client_example.py --base-url URL --video clip.mp4 "What happens here?"
+    python client_example.py --base-url URL --async --image https://example.com/cat.png "What is it?"
+
+Retries: the SDK retries 408, 409, 429, every 5xx (503 while the model loads
+or the server drains) and connection errors, with exponential backoff from
+0.5 s up to 8 s plus jitter, and honours `Retry-After` up to 60 s. Only the
+number of retries is ours to choose: `max_retries` (default 4). A streamed
+response is retried only before its first byte.
+
+Needs: `openai` (and `pillow` to send PIL images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import mimetypes
+import os
+import sys
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import openai
+from openai.types.chat import ChatCompletion
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+ImageInput = Union[str, Path, bytes, "PILImage"]
+VideoInput = Union[str, Path, bytes]
+Message = dict[str, Any]
+
+DEFAULT_MAX_RETRIES = 4
+DEFAULT_TIMEOUT_S = 600.0
+REMOTE_PREFIXES = ("http://", "https://", "data:")
+# Magic numbers of the formats the image processors of vLLM models accept.
+IMAGE_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+def image_mime(data: bytes) -> str:
+    """The MIME type of encoded image bytes, from their signature."""
+    for signature, mime in IMAGE_SIGNATURES:
+        if data.startswith(signature):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    raise ValueError("unrecognised image data: send PNG, JPEG, WebP, GIF or BMP bytes")
+
+
+def video_mime(data: bytes, name: str | None = None) -> str:
+    """The MIME type of encoded video bytes: from the file name, else the container signature."""
+    guessed = mimetypes.guess_type(name)[0] if name else None
+    if guessed and guessed.startswith("video/"):
+        return guessed
+    if data[4:8] == b"ftyp":
+        return "video/mp4"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video/webm"
+    raise ValueError("unrecognised video data: send MP4 or WebM, or a file name with its extension")
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def image_part(image: ImageInput) -> dict[str, Any]:
+    """An `image_url` content part from a URL, a file path, encoded bytes or a PIL image."""
+    if isinstance(image, str) and image.startswith(REMOTE_PREFIXES):
+        url = image
+    elif isinstance(image, (str, Path)):
+        data = Path(image).read_bytes()
+        url = data_url(data, image_mime(data))
+    elif isinstance(image, bytes):
+        url = data_url(image, image_mime(image))
+    else:
+        # A PIL image: PNG is lossless and every image processor reads it.
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        url = data_url(buffer.getvalue(), "image/png")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def video_part(video: VideoInput) -> dict[str, Any]:
+    """A `video_url` content part (vLLM's extension) from a URL, a file path or encoded bytes."""
+    if isinstance(video, str) and video.startswith(REMOTE_PREFIXES):
+        url = video
+    elif isinstance(video, (str, Path)):
+        data = Path(video).read_bytes()
+        url = data_url(data, video_mime(data, str(video)))
+    else:
+        url = data_url(video, video_mime(video))
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def user_message(text: str, images: Iterable[ImageInput] = (), videos: Iterable[VideoInput] = ()) -> Message:
+    """A user turn: the media first, then the text (the order most vision models were trained on)."""
+    parts = [image_part(image) for image in images] + [video_part(video) for video in videos]
+    if not parts:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def as_messages(prompt: str | Sequence[Message], images: Iterable[ImageInput], videos: Iterable[VideoInput]) -> list[Message]:
+    if isinstance(prompt, str):
+        return [user_message(prompt, images, videos)]
+    return list(prompt)
+
+
+def api_base(base_url: str) -> str:
+    """`http://host:8000` or `http://host:8000/v1` -> the SDK's base URL (`.../v1`)."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/v1") else f"{base}/v1"
+
+
+class InferenceClient:
+    """Chat with a deployment; `model` defaults to the one it serves."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        # The SDK insists on a key; a deployment without API_KEY ignores it.
+        self.openai = openai.OpenAI(
+            base_url=api_base(base_url), api_key=api_key or "unused", max_retries=max_retries, timeout=timeout_s,
+        )
+        self._model = model
+
+    @property
+    def model(self) -> str:
+        if self._model is None:
+            self._model = self.openai.models.list().data[0].id
+        return self._model
+
+    def chat(
+        self,
+        prompt: str | Sequence[Message],
+        images: Iterable[ImageInput] = (),
+        videos: Iterable[VideoInput] = (),
+        **params: Any,
+    ) -> ChatCompletion:
+        """One completion. `params` go to the API as they are (max_tokens, temperature, ...)."""
+        return self.openai.chat.completions.create(
+            model=self.model, messages=as_messages(prompt, images, videos), **params,
+        )
+
+    def stream_chat(
+        self,
+        prompt: str | Sequence[Message],
+        images: Iterable[ImageInput] = (),
+        videos: Iterable[VideoInput] = (),
+        **params: Any,
+    ) -> Iterator[str]:
+        """The completion's text, piece by piece, as the server generates it."""
+        stream = self.openai.chat.completions.create(
+            model=self.model, messages=as_messages(prompt, images, videos), stream=True, **params,
+        )
+        with stream:
+            for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        yield choice.delta.content
+
+
+class AsyncInferenceClient:
+    """The asyncio twin of `InferenceClient`, for many requests at once."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self.openai = openai.AsyncOpenAI(
+            base_url=api_base(base_url), api_key=api_key or "unused", max_retries=max_retries, timeout=timeout_s,
+        )
+        self._model = model
+
+    async def model(self) -> str:
+        if self._model is None:
+            self._model = (await self.openai.models.list()).data[0].id
+        return self._model
+
+    async def chat(
+        self,
+        prompt: str | Sequence[Message],
+        images: Iterable[ImageInput] = (),
+        videos: Iterable[VideoInput] = (),
+        **params: Any,
+    ) -> ChatCompletion:
+        return await self.openai.chat.completions.create(
+            model=await self.model(), messages=as_messages(prompt, images, videos), **params,
+        )
+
+    async def stream_chat(
+        self,
+        prompt: str | Sequence[Message],
+        images: Iterable[ImageInput] = (),
+        videos: Iterable[VideoInput] = (),
+        **params: Any,
+    ) -> AsyncIterator[str]:
+        stream = await self.openai.chat.completions.create(
+            model=await self.model(), messages=as_messages(prompt, images, videos), stream=True, **params,
+        )
+        async with stream:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        yield choice.delta.content
+
+    async def close(self) -> None:
+        await self.openai.close()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Chat with a vllm-inference-api deployment.")
+    parser.add_argument("prompt", help="the user message")
+    parser.add_argument("--base-url", default=os.environ.get("BASE_URL", "http://localhost:8000"),
+                        help="deployment URL (default: $BASE_URL or http://localhost:8000)")
+    parser.add_argument("--api-key", default=os.environ.get("API_KEY"), help="bearer key (default: $API_KEY)")
+    parser.add_argument("--model", help="model name (default: the one the deployment serves)")
+    parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    parser.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    parser.add_argument("--async", dest="use_async", action="store_true", help="use the asyncio client")
+    parser.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES)
+    return parser.parse_args(argv)
+
+
+def _run_sync(args: argparse.Namespace) -> None:
+    client = InferenceClient(args.base_url, args.api_key, args.model, max_retries=args.max_retries)
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.stream:
+        for piece in client.stream_chat(args.prompt, args.image, args.video, **params):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(client.chat(args.prompt, args.image, args.video, **params).choices[0].message.content)
+
+
+async def _run_async(args: argparse.Namespace) -> None:
+    client = AsyncInferenceClient(args.base_url, args.api_key, args.model, max_retries=args.max_retries)
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    try:
+        if args.stream:
+            async for piece in client.stream_chat(args.prompt, args.image, args.video, **params):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print((await client.chat(args.prompt, args.image, args.video, **params)).choices[0].message.content)
+    finally:
+        await client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        if args.use_async:
+            asyncio.run(_run_async(args))
+        else:
+            _run_sync(args)
+    except openai.APIStatusError as error:
+        print(f"error: HTTP {error.status_code}: {error.message}", file=sys.stderr)
+        return 1
+    except openai.APIConnectionError as error:
+        print(f"error: cannot reach {args.base_url}: {error}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

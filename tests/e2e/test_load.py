@@ -1,0 +1,303 @@
+"""Under overload and over many requests the wrapper stays correct and does not leak.
+
+Load: 200 streaming clients for 60 seconds against a wrapper allowed 32
+requests in flight and 64 waiting. Every request ends as a complete stream
+or as a documented refusal (429 `queue_full`, 503 `queue_timeout`, each with
+an OpenAI error body and `Retry-After`); nothing hangs, no connection drops,
+and afterwards the wrapper and the engine are idle and healthy again.
+
+Soak: 1,000 warm-up requests, then 10,000 more through one wrapper process;
+its resident memory grows by less than 10% between the two.
+
+Both run on 127.0.0.1 against the real CPU engine with the tiny model; every
+loop is bounded by a request count or a deadline. The measured figures are
+printed and written as JSON next to the stack logs (`load.json`, `soak.json`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import TEXT_MODEL
+from tests.stack import Stack, engine_gauge
+
+CHAT_PATH = "/v1/chat/completions"
+
+LOAD_CLIENTS = 200
+LOAD_DURATION_S = 60.0
+LOAD_MAX_TOKENS = 24
+# A request that takes longer than this counts as hung.
+CLIENT_TIMEOUT_S = 60.0
+OVERLOAD_ENV = {"MAX_CONCURRENT_REQUESTS": "32", "MAX_QUEUE": "64", "QUEUE_TIMEOUT_S": "5"}
+REFUSALS = {429: "queue_full", 503: "queue_timeout"}
+
+SOAK_CONCURRENCY = 24
+SOAK_WARMUP_REQUESTS = 1_000
+SOAK_REQUESTS = 10_000
+# Every tenth soak request streams, so both relay paths are exercised.
+SOAK_STREAM_EVERY = 10
+SOAK_TIME_LIMIT_S = 240.0
+MAX_RSS_GROWTH = 0.10
+IDLE_WAIT_S = 15.0
+
+
+def chat_body(max_tokens: int, stream: bool) -> dict[str, object]:
+    return {
+        "model": TEXT_MODEL,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+def stream_problem(lines: list[str]) -> str | None:
+    """What is wrong with a chat completion stream, or None when it is well formed."""
+    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    if not events or events[-1] != "[DONE]":
+        return "stream does not end with [DONE]"
+    try:
+        chunks = [json.loads(event) for event in events[:-1]]
+    except ValueError:
+        return "a data line is not JSON"
+    if any("error" in chunk for chunk in chunks):
+        return "error event in stream"
+    choices = [chunk["choices"][0] for chunk in chunks if chunk.get("choices")]
+    if not choices or choices[0]["delta"].get("role") != "assistant":
+        return "first chunk has no assistant role"
+    if not "".join(choice["delta"].get("content") or "" for choice in choices):
+        return "stream carries no content"
+    if choices[-1].get("finish_reason") not in ("length", "stop"):
+        return "last chunk has no finish_reason"
+    return None
+
+
+def completion_problem(raw: bytes, body: dict[str, object]) -> str | None:
+    """What is wrong with a non-streaming chat completion, or None when it is well formed."""
+    try:
+        reply = json.loads(raw)
+        message, usage = reply["choices"][0]["message"], reply["usage"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "not a chat completion"
+    if message.get("role") != "assistant" or usage.get("completion_tokens") != body["max_tokens"]:
+        return "wrong role or token count"
+    return None
+
+
+def refusal_problem(status: int, headers: Mapping[str, str], body: bytes) -> str | None:
+    """What is wrong with a 429/503 refusal, or None when it is the documented one."""
+    retry_after = headers.get("Retry-After", "")
+    if not retry_after.isdigit() or int(retry_after) < 1:
+        return f"{status} without a Retry-After of at least 1 s"
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"{status} without an OpenAI error body"
+    if error.get("code") != REFUSALS[status] or not error.get("message") or not error.get("type"):
+        return f"{status} with an unexpected error body: {error}"
+    return None
+
+
+@dataclass
+class Outcomes:
+    """Counts of every way a request ended, and a few examples of failures."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    failure_examples: list[str] = field(default_factory=list)
+
+    def add(self, outcome: str, detail: str = "") -> None:
+        self.counts[outcome] += 1
+        if outcome.startswith("failed") and len(self.failure_examples) < 10:
+            self.failure_examples.append(f"{outcome}: {detail}"[:500])
+
+    @property
+    def failures(self) -> int:
+        return sum(count for outcome, count in self.counts.items() if outcome.startswith("failed"))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+async def send_chat(
+    session: aiohttp.ClientSession, url: str, body: dict[str, object], outcomes: Outcomes
+) -> float:
+    """Send one chat request, read it to the end and record how it ended; returns the Retry-After to honour."""
+    try:
+        async with session.post(url, json=body) as response:
+            raw = await response.read()
+            if response.status in REFUSALS:
+                problem = refusal_problem(response.status, response.headers, raw)
+                if problem:
+                    outcomes.add("failed: malformed refusal", problem)
+                    return 0.0
+                outcomes.add(f"rejected_{response.status}")
+                return float(response.headers["Retry-After"])
+            if response.status != 200:
+                outcomes.add(f"failed: HTTP {response.status}", raw.decode(errors="replace"))
+                return 0.0
+            problem = stream_problem(raw.decode(errors="replace").splitlines()) if body["stream"] else completion_problem(raw, body)
+            if problem:
+                outcomes.add("failed: malformed answer", f"{problem}: {raw[-300:]!r}")
+            else:
+                outcomes.add("completed")
+    except asyncio.TimeoutError:
+        outcomes.add("failed: no answer within the client timeout", f"{CLIENT_TIMEOUT_S:g}s")
+    except aiohttp.ClientError as error:
+        outcomes.add("failed: connection error", repr(error))
+    return 0.0
+
+
+def client_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
+    )
+
+
+def wrapper_gauges(base_url: str) -> dict[str, float]:
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("vllm_api_requests_in_flight", "vllm_api_queue_depth")
+    }
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def write_report(logs_dir: Path, name: str, report: dict[str, object]) -> None:
+    path = logs_dir / name
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\n{name} ({path}):\n{json.dumps(report, indent=2)}")
+
+
+# --- Load --------------------------------------------------------------------------
+
+
+async def test_200_streaming_clients_get_a_complete_stream_or_a_documented_refusal(
+    text_stack: Stack, wrapper, logs_dir: Path
+) -> None:
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, **OVERLOAD_ENV)
+    url = gateway.base_url + CHAT_PATH
+    body = chat_body(LOAD_MAX_TOKENS, stream=True)
+    outcomes = Outcomes()
+    started = time.monotonic()
+    deadline = started + LOAD_DURATION_S
+
+    async def streaming_client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            retry_after = await send_chat(session, url, body, outcomes)
+            # A well-behaved client honours Retry-After (never past the end of the run).
+            await asyncio.sleep(min(retry_after, max(0.0, deadline - time.monotonic())))
+
+    async with client_session() as session:
+        clients = [streaming_client(session) for _ in range(LOAD_CLIENTS)]
+        await asyncio.wait_for(asyncio.gather(*clients), LOAD_DURATION_S + CLIENT_TIMEOUT_S + 30)
+    elapsed = time.monotonic() - started
+
+    idle_engine = wait_until(lambda: engine_gauge(text_stack.engine_url, "vllm:num_requests_running") == 0, IDLE_WAIT_S)
+    gauges = wrapper_gauges(gateway.base_url)
+    report = {
+        "clients": LOAD_CLIENTS,
+        "duration_s": round(elapsed, 1),
+        "settings": OVERLOAD_ENV,
+        "max_tokens": LOAD_MAX_TOKENS,
+        "requests": outcomes.total,
+        "outcomes": dict(outcomes.counts),
+        "completed_per_s": round(outcomes.counts["completed"] / elapsed, 1),
+        "failure_examples": outcomes.failure_examples,
+        "wrapper_gauges_after": gauges,
+    }
+    write_report(logs_dir, "load.json", report)
+
+    assert outcomes.failures == 0, report
+    assert set(outcomes.counts) <= {"completed", "rejected_429", "rejected_503"}, report
+    assert outcomes.counts["completed"] >= LOAD_CLIENTS, report
+    assert outcomes.counts["rejected_429"] > 0, "200 clients never overflowed a queue of 64"
+    assert httpx.get(f"{gateway.base_url}/health", timeout=10).status_code == 200
+    assert gauges == {"vllm_api_requests_in_flight": 0.0, "vllm_api_queue_depth": 0.0}
+    assert idle_engine, "the engine still runs requests after every client got its answer"
+
+
+# --- Soak --------------------------------------------------------------------------
+
+
+def wrapper_process(stack: Stack) -> psutil.Process:
+    """The `app.serve` process: the one that relays every request."""
+    serving = [process for process in stack.descendants() if "app.serve" in process.cmdline()]
+    assert len(serving) == 1, [process.cmdline() for process in stack.descendants()]
+    return serving[0]
+
+
+async def run_requests(
+    session: aiohttp.ClientSession, url: str, count: int, outcomes: Outcomes, deadline: float
+) -> None:
+    """`count` requests from SOAK_CONCURRENCY clients, one in SOAK_STREAM_EVERY streaming."""
+    numbers = iter(range(count))
+
+    async def client() -> None:
+        for number in numbers:
+            if time.monotonic() > deadline:
+                return
+            stream = number % SOAK_STREAM_EVERY == 0
+            await send_chat(session, url, chat_body(4 if stream else 1, stream), outcomes)
+
+    await asyncio.gather(*(client() for _ in range(SOAK_CONCURRENCY)))
+
+
+async def test_wrapper_memory_stays_flat_over_10000_requests(text_stack: Stack, wrapper, logs_dir: Path) -> None:
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL)
+    url = gateway.base_url + CHAT_PATH
+    serving = wrapper_process(gateway)
+    outcomes = Outcomes()
+    deadline = time.monotonic() + SOAK_TIME_LIMIT_S
+
+    async with client_session() as session:
+        await run_requests(session, url, SOAK_WARMUP_REQUESTS, outcomes, deadline)
+        rss_start = serving.memory_info().rss
+        started = time.monotonic()
+        await run_requests(session, url, SOAK_REQUESTS, outcomes, deadline)
+        elapsed = time.monotonic() - started
+        rss_end = serving.memory_info().rss
+
+    growth = (rss_end - rss_start) / rss_start
+    report = {
+        "requests": outcomes.total,
+        "measured_requests": SOAK_REQUESTS,
+        "concurrency": SOAK_CONCURRENCY,
+        "streaming_share": 1 / SOAK_STREAM_EVERY,
+        "outcomes": dict(outcomes.counts),
+        "failure_examples": outcomes.failure_examples,
+        "rss_start_mib": round(rss_start / 2**20, 1),
+        "rss_end_mib": round(rss_end / 2**20, 1),
+        "rss_growth_percent": round(100 * growth, 2),
+        "total_time_s": round(elapsed, 1),
+        "requests_per_s": round(SOAK_REQUESTS / elapsed, 1),
+    }
+    write_report(logs_dir, "soak.json", report)
+
+    assert outcomes.total == SOAK_WARMUP_REQUESTS + SOAK_REQUESTS, (
+        f"only {outcomes.total} requests in {SOAK_TIME_LIMIT_S:g}s: {report}"
+    )
+    assert outcomes.counts["completed"] == outcomes.total, report
+    assert growth < MAX_RSS_GROWTH, report

@@ -1,0 +1,53 @@
+"""Timeouts end requests with a well-formed answer and abort the engine's work.
+
+`REQUEST_TIMEOUT_S` bounds a whole request: a non-streaming request gets a
+504, a stream ends with an error event and `[DONE]`; either way the engine
+stops generating for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+
+from tests.e2e.conftest import TEXT_MODEL
+from tests.stack import Stack, engine_gauge
+
+
+def long_generation(stream: bool) -> dict[str, object]:
+    return {
+        "model": TEXT_MODEL, "messages": [{"role": "user", "content": "Go on"}], "stream": stream,
+        "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True,
+    }
+
+
+def wait_engine_idle(stack: Stack, within_s: float = 3.0) -> None:
+    deadline = time.monotonic() + within_s
+    while engine_gauge(stack.engine_url, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the engine kept generating after the timeout"
+        time.sleep(0.1)
+
+
+def test_non_streaming_request_over_request_timeout_is_a_504(text_stack: Stack, wrapper) -> None:
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
+    response = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=long_generation(False), timeout=30)
+    assert response.status_code == 504
+    error = response.json()["error"]
+    assert "REQUEST_TIMEOUT_S" in error["message"] and error["code"] == "timeout"
+    wait_engine_idle(text_stack)
+    line = [entry for entry in gateway.request_lines() if entry["path"] == "/v1/chat/completions"][-1]
+    assert line["status"] == 504 and line["error"] == "timeout"
+
+
+def test_stream_over_request_timeout_ends_with_an_error_event(text_stack: Stack, wrapper) -> None:
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
+    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=long_generation(True), timeout=30) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "timeout"
+    wait_engine_idle(text_stack)
+    assert httpx.get(f"{gateway.base_url}/health").status_code == 200
