@@ -24,7 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.config import Settings, load_settings
-from app.errors import APIError
+from app.errors import APIError, unavailable
 from app.generate.routes import router as generate_router
 from app.generate.store import build_store
 from app.generate.validation import request_validation_error_handler
@@ -142,7 +142,26 @@ def create_app(settings: Settings | None = None, status_file: Path | None = None
             "phase": status.phase.value if status else Phase.READY.value,
         })
 
-    app.include_router(generate_router, dependencies=[Depends(require_key)])
+    async def simple_api_guard(request: Request) -> AsyncIterator[None]:
+        """/generate and /conversations need the key; a generation also passes the
+        drain check and the backpressure queue like a /v1 request."""
+        require_key(request)
+        if request.method != "POST":
+            yield
+            return
+        if gateway.readiness.draining:
+            raise unavailable("Server is shutting down; retry on another replica.", code="draining")
+        app.state.model_max_len = (await gateway.engine_facts()).get("max_model_len")
+        record = request.scope["state"]["record"]
+        record.queue_wait_s = await gateway.admission.acquire()
+        metrics.request_started()
+        try:
+            yield
+        finally:
+            metrics.request_finished()
+            gateway.admission.release()
+
+    app.include_router(generate_router, dependencies=[Depends(simple_api_guard)])
 
     app.add_middleware(V1Proxy, gateway=gateway)
     app.add_middleware(AccessLog)

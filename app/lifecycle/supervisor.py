@@ -35,7 +35,12 @@ from app.config import ConfigError, Settings, load_settings
 from app.lifecycle.engine_args import build_engine_args, build_engine_launch
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
-from app.lifecycle.startup_errors import StartupError, classify_engine_failure, is_memory_shortfall
+from app.lifecycle.startup_errors import (
+    StartupError,
+    classify_engine_failure,
+    estimated_max_model_len,
+    is_memory_shortfall,
+)
 from app.lifecycle.status import STATUS_FILE_ENV, DownloadProgress, Phase, StartupStatus, write_status
 from app.media import detect_modalities
 from app.observability.logging import configure_logging, install_secret_redaction
@@ -189,9 +194,16 @@ class Supervisor:
             lines = list(self.engine.tail)
             if is_memory_shortfall(lines) and not retried:
                 retried = True
-                settings = _smaller_footprint(settings)
-                log.warning("engine ran out of memory while starting; retrying once with a smaller footprint",
-                            extra={"enforce_eager": True, "max_batched_tokens": settings.MAX_BATCHED_TOKENS})
+                smaller = _smaller_footprint(settings, estimated_max_model_len(lines))
+                log.warning(
+                    "engine ran out of memory while starting; retrying once with a smaller footprint",
+                    extra={
+                        "enforce_eager": True,
+                        "max_batched_tokens": {"from": settings.MAX_BATCHED_TOKENS, "to": smaller.MAX_BATCHED_TOKENS},
+                        "max_model_len": {"from": settings.MAX_MODEL_LEN, "to": smaller.MAX_MODEL_LEN},
+                    },
+                )
+                settings = smaller
                 continue
             sentence = classify_engine_failure(lines, self.settings)
             if sentence is None:
@@ -242,10 +254,17 @@ class Supervisor:
         return 0
 
 
-def _smaller_footprint(settings: Settings) -> Settings:
+def _smaller_footprint(settings: Settings, fitting_max_model_len: int | None) -> Settings:
+    """The settings for the one retry after a memory shortfall.
+
+    fitting_max_model_len is the engine's own estimate of the longest context its
+    KV cache holds; when it gave one, the retry serves that context length.
+    """
     update: dict[str, object] = {"ENFORCE_EAGER": True}
     if settings.ENABLE_CHUNKED_PREFILL:
         update["MAX_BATCHED_TOKENS"] = min(settings.MAX_BATCHED_TOKENS or 2048, 1024)
+    if fitting_max_model_len is not None:
+        update["MAX_MODEL_LEN"] = fitting_max_model_len
     return settings.model_copy(update=update)
 
 
