@@ -23,6 +23,29 @@ from app.config import ConfigError, Settings
 
 ENGINE_MEDIA_DOMAIN = "media-fetch.invalid"
 
+# Engine flags that take a setting's value as it is (skipped when the setting is unset).
+VALUE_FLAGS = {
+    "--gpu-memory-utilization": "GPU_MEMORY_UTIL",
+    "--dtype": "DTYPE",
+    "--tensor-parallel-size": "TENSOR_PARALLEL_SIZE",
+    "--pipeline-parallel-size": "PIPELINE_PARALLEL_SIZE",
+    "--data-parallel-size": "DATA_PARALLEL_SIZE",
+    "--max-model-len": "MAX_MODEL_LEN",
+    "--max-num-seqs": "MAX_NUM_SEQS",
+    "--max-num-batched-tokens": "MAX_BATCHED_TOKENS",
+    "--distributed-executor-backend": "DISTRIBUTED_EXECUTOR_BACKEND",
+    "--quantization": "QUANTIZATION",
+}
+# The setting behind every flag the image passes, for error messages.
+SETTING_OF_FLAG = {
+    **VALUE_FLAGS,
+    "--limit-mm-per-prompt": "IMAGE_LIMIT or VIDEO_LIMIT",
+    "--max-loras": "MAX_LORAS",
+    "--max-lora-rank": "MAX_LORA_RANK",
+    "--lora-modules": "LORA_MODULES",
+    "--served-model-name": "SERVED_MODEL_NAME",
+}
+
 
 @dataclass(frozen=True)
 class EngineLaunch:
@@ -52,22 +75,11 @@ def build_engine_args(
         "--served-model-name", settings.served_model_name,
         "--host", "127.0.0.1",
         "--port", str(settings.VLLM_PORT),
-        "--gpu-memory-utilization", str(settings.GPU_MEMORY_UTIL),
-        "--dtype", settings.DTYPE,
-        "--tensor-parallel-size", str(settings.TENSOR_PARALLEL_SIZE),
-        "--pipeline-parallel-size", str(settings.PIPELINE_PARALLEL_SIZE),
-        "--data-parallel-size", str(settings.DATA_PARALLEL_SIZE),
         "--enable-chunked-prefill" if settings.ENABLE_CHUNKED_PREFILL else "--no-enable-chunked-prefill",
         "--disable-uvicorn-access-log",
     ]
-    optional = {
-        "--max-model-len": settings.MAX_MODEL_LEN,
-        "--max-num-seqs": settings.MAX_NUM_SEQS,
-        "--max-num-batched-tokens": settings.MAX_BATCHED_TOKENS,
-        "--distributed-executor-backend": settings.DISTRIBUTED_EXECUTOR_BACKEND,
-        "--quantization": settings.QUANTIZATION,
-    }
-    for flag, value in optional.items():
+    for flag, name in VALUE_FLAGS.items():
+        value = getattr(settings, name)
         if value is not None:
             args += [flag, str(value)]
 

@@ -19,31 +19,12 @@ import shlex
 from collections.abc import Callable, Sequence
 
 from app.config import Settings
-from app.lifecycle.engine_args import resolve_device
+from app.lifecycle.engine_args import SETTING_OF_FLAG, resolve_device
 
 
 class StartupError(Exception):
     """A fatal startup problem; str(error) is one sentence that says what to change."""
 
-
-# The engine flags the image sets from its own variables (see engine_args.py).
-FLAG_SETTINGS = {
-    "--max-model-len": "MAX_MODEL_LEN",
-    "--gpu-memory-utilization": "GPU_MEMORY_UTIL",
-    "--dtype": "DTYPE",
-    "--quantization": "QUANTIZATION",
-    "--max-num-seqs": "MAX_NUM_SEQS",
-    "--max-num-batched-tokens": "MAX_BATCHED_TOKENS",
-    "--tensor-parallel-size": "TENSOR_PARALLEL_SIZE",
-    "--pipeline-parallel-size": "PIPELINE_PARALLEL_SIZE",
-    "--data-parallel-size": "DATA_PARALLEL_SIZE",
-    "--distributed-executor-backend": "DISTRIBUTED_EXECUTOR_BACKEND",
-    "--limit-mm-per-prompt": "IMAGE_LIMIT or VIDEO_LIMIT",
-    "--max-loras": "MAX_LORAS",
-    "--max-lora-rank": "MAX_LORA_RANK",
-    "--lora-modules": "LORA_MODULES",
-    "--served-model-name": "SERVED_MODEL_NAME",
-}
 
 NUMBER = r"(\d+(?:\.\d+)?)"
 MAX_LEN_TOO_LARGE = re.compile(
@@ -192,8 +173,8 @@ def _rejected_flag(text: str, settings: Settings) -> str | None:
         flag = next((f for f in flags if f.startswith("-")), flags[0]).split("=", 1)[0]
         if flag in _extra_flags(settings):
             return f"The engine does not know the flag {flag} given in VLLM_EXTRA_ARGS: remove or correct it there."
-        if flag in FLAG_SETTINGS:
-            setting = FLAG_SETTINGS[flag]
+        if flag in SETTING_OF_FLAG:
+            setting = SETTING_OF_FLAG[flag]
             return f"The engine does not know the flag {flag} that {setting} sets: unset {setting}."
         return (
             f"The engine does not know the flag {flag} that the image passes itself: "
@@ -203,9 +184,9 @@ def _rejected_flag(text: str, settings: Settings) -> str | None:
         names = match[1].split("/")
         flag = next((name for name in names if name.startswith("--")), names[0])
         detail = match[2].strip()
-        if flag in _extra_flags(settings) or flag not in FLAG_SETTINGS:
+        if flag in _extra_flags(settings) or flag not in SETTING_OF_FLAG:
             return f"The engine rejected {flag} ({detail}): correct it in VLLM_EXTRA_ARGS."
-        return f"The engine rejected {flag} ({detail}): correct {FLAG_SETTINGS[flag]}."
+        return f"The engine rejected {flag} ({detail}): correct {SETTING_OF_FLAG[flag]}."
     return None
 
 
