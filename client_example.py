@@ -13,9 +13,10 @@ module does both once, synchronously and with asyncio, and doubles as a demo:
 
 Retries: the SDK retries 408, 409, 429, every 5xx (503 while the model loads
 or the server drains) and connection errors, with exponential backoff from
-0.5 s up to 8 s plus jitter, and honours `Retry-After` up to 60 s. Only the
-number of retries is ours to choose: `max_retries` (default 4). A streamed
-response is retried only before its first byte.
+0.5 s up to 8 s (less up to 25 % jitter). A `Retry-After` (or
+`retry-after-ms`) of up to two minutes replaces the backoff; a longer one ends
+the retries. Only the number of retries is ours to choose: `max_retries`
+(default 4, so five attempts). A stream is retried only before its first byte.
 
 Needs: `openai` (and `pillow` to send PIL images).
 """
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _run_sync(args)
     except openai.APIStatusError as error:
-        print(f"error: HTTP {error.status_code}: {error.message}", file=sys.stderr)
+        print(f"error: {error.message}", file=sys.stderr)
         return 1
     except openai.APIConnectionError as error:
         print(f"error: cannot reach {args.base_url}: {error}", file=sys.stderr)

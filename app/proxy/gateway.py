@@ -123,6 +123,12 @@ class Gateway:
             return unavailable(f"Model is not ready yet (phase: {snapshot.phase}); retry shortly.", code="not_ready")
         if snapshot.phase == Phase.DRAINING.value:
             return unavailable("Server is shutting down; retry on another replica.", code="draining")
+        if self.settings.ENGINE_URL:
+            # A remote engine is restarted or redeployed on its own: an outage that clients wait out.
+            return unavailable(
+                "The engine (ENGINE_URL) is not reachable; retry shortly, /health reports when it is back.",
+                code="engine_unavailable",
+            )
         return APIError(
             502, "The engine is not reachable; it may have crashed.", code="engine_unavailable",
             cause="engine_error", headers={"Retry-After": "5"},

@@ -1,0 +1,181 @@
+"""client_example.py: media packing and retry behaviour, against a scripted local server.
+
+The retry rules are the openai SDK's; these tests pin what a user of the
+client relies on: 429 and 503 are retried (honouring Retry-After), a dropped
+connection is retried, and after `max_retries` the error reaches the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+from PIL import Image
+
+import client_example as ce
+from tests.media_server import sample_mp4
+
+PORT = 8741
+COMPLETION = {
+    "id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+@dataclass
+class Script:
+    """What the stub answers, one entry per attempt: a status code, or "drop" to cut the connection."""
+
+    answers: list[int | str]
+    requests: list[dict[str, object]] = field(default_factory=list)
+
+
+@pytest.fixture
+def stub() -> Iterator[Script]:
+    script = Script(answers=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            script.requests.append(body)
+            answer = script.answers.pop(0) if script.answers else 200
+            if answer == "drop":
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            payload = json.dumps(COMPLETION if answer == 200 else
+                                 {"error": {"message": "busy", "type": "x", "param": None, "code": answer}}).encode()
+            self.send_response(int(answer))
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            if answer in (429, 503):
+                self.send_header("retry-after-ms", "10")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield script
+    server.shutdown()
+    server.server_close()
+
+
+def client(max_retries: int) -> ce.InferenceClient:
+    return ce.InferenceClient(f"http://127.0.0.1:{PORT}", model="m", max_retries=max_retries, timeout_s=10)
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decoded(url: str) -> tuple[str, bytes]:
+    header, data = url.split(",", 1)
+    assert header.endswith(";base64")
+    return header[len("data:"):-len(";base64")], base64.b64decode(data)
+
+
+# --- media --------------------------------------------------------------------------
+
+
+def test_image_from_path_bytes_and_pil_become_data_urls_with_their_mime(tmp_path: Path) -> None:
+    jpeg = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(jpeg, format="JPEG")
+    path = tmp_path / "photo.bin"  # the MIME type comes from the bytes, not the name
+    path.write_bytes(jpeg.getvalue())
+
+    assert decoded(ce.image_part(path)["image_url"]["url"]) == ("image/jpeg", jpeg.getvalue())
+    assert decoded(ce.image_part(str(path))["image_url"]["url"]) == ("image/jpeg", jpeg.getvalue())
+    assert decoded(ce.image_part(png_bytes())["image_url"]["url"]) == ("image/png", png_bytes())
+    mime, data = decoded(ce.image_part(Image.new("RGB", (3, 2)))["image_url"]["url"])
+    assert mime == "image/png" and Image.open(io.BytesIO(data)).size == (3, 2)
+
+
+def test_image_and_video_urls_pass_through() -> None:
+    assert ce.image_part("https://example.com/a.jpg") == {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}
+    assert ce.video_part("http://example.com/v.mp4") == {"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}}
+
+
+def test_unknown_image_bytes_are_refused_with_the_accepted_formats() -> None:
+    with pytest.raises(ValueError, match="PNG, JPEG"):
+        ce.image_part(b"not an image")
+
+
+def test_video_from_path_and_bytes(tmp_path: Path) -> None:
+    mp4 = sample_mp4()
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(mp4)
+    assert decoded(ce.video_part(path)["video_url"]["url"]) == ("video/mp4", mp4)
+    assert decoded(ce.video_part(mp4)["video_url"]["url"]) == ("video/mp4", mp4)
+
+
+def test_user_message_puts_media_before_text() -> None:
+    message = ce.user_message("What is it?", images=[png_bytes()], videos=["https://example.com/v.mp4"])
+    assert [part["type"] for part in message["content"]] == ["image_url", "video_url", "text"]
+    assert ce.user_message("plain") == {"role": "user", "content": "plain"}
+
+
+def test_base_url_with_or_without_v1() -> None:
+    assert ce.api_base("http://h:8000") == ce.api_base("http://h:8000/v1/") == "http://h:8000/v1"
+
+
+# --- retries --------------------------------------------------------------------------
+
+
+def test_429_and_503_are_retried_until_success(stub: Script) -> None:
+    stub.answers = [429, 503, 200]
+    reply = client(max_retries=2).chat("hi", images=[png_bytes()])
+    assert reply.choices[0].message.content == "hi"
+    assert len(stub.requests) == 3
+    assert stub.requests[0] == stub.requests[2]  # the same request each time
+
+
+def test_errors_reach_the_caller_after_max_retries(stub: Script) -> None:
+    stub.answers = [503, 503, 503]
+    with pytest.raises(openai.InternalServerError):
+        client(max_retries=1).chat("hi")
+    assert len(stub.requests) == 2
+
+
+def test_client_errors_are_not_retried(stub: Script) -> None:
+    stub.answers = [400]
+    with pytest.raises(openai.BadRequestError):
+        client(max_retries=3).chat("hi")
+    assert len(stub.requests) == 1
+
+
+def test_dropped_connection_is_retried(stub: Script) -> None:
+    stub.answers = ["drop", 200]
+    assert client(max_retries=1).chat("hi").choices[0].message.content == "hi"
+    assert len(stub.requests) == 2
+
+
+def test_async_client_retries_the_same_way(stub: Script) -> None:
+    stub.answers = [429, 200]
+
+    async def ask() -> str:
+        async_client = ce.AsyncInferenceClient(f"http://127.0.0.1:{PORT}", model="m", max_retries=1, timeout_s=10)
+        try:
+            return (await async_client.chat("hi")).choices[0].message.content
+        finally:
+            await async_client.close()
+
+    assert asyncio.run(ask()) == "hi"
+    assert len(stub.requests) == 2
