@@ -1,12 +1,14 @@
 """Where the wrapper spends its CPU on the hot path, sampled with py-spy under load.
 
 While the load generator drives the wrapper at c=64 (streaming, then
-non-streaming), py-spy samples one wrapper worker without pausing it and
+non-streaming), py-spy samples one wrapper worker (pausing it for each sample:
+without the pause, stacks read mid-update put samples on the wrong lines) and
 writes a flame graph (SVG) and collapsed stacks; the stacks are reduced to the
 functions with the most samples (self and inclusive) and to self time per
 package (the wrapper's own modules one by one), which the report lists.
-Time spent in C (uvloop, httptools, syscalls) counts towards the Python frame
-that called it.
+Only the thread holding the GIL is sampled (`--gil`): idle helper threads, such
+as aiosqlite's, would otherwise show as busy. Time spent in C (uvloop,
+httptools, syscalls) counts towards the Python frame that called it.
 py-spy runs on the client core, so the sampling does not take the gateway's CPU.
 """
 
@@ -89,7 +91,7 @@ def summarize_stacks(collapsed: str, limit: int = TOP_FUNCTIONS) -> dict[str, ob
 
 def _record(binary: str, pid: int, output: Path, fmt: str, core: int) -> subprocess.Popen[bytes]:
     argv = ["taskset", "-c", str(core), binary, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
-            "--rate", str(SAMPLE_RATE_HZ), "--nonblocking", "--format", fmt, "--output", str(output)]
+            "--rate", str(SAMPLE_RATE_HZ), "--gil", "--format", fmt, "--output", str(output)]
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -104,17 +106,20 @@ def profile_wrapper(generator: LoadGenerator, service: Service, directory: Path,
     for stream in (True, False):
         name = "stream" if stream else "nonstream"
         svg, raw = directory / f"profile-{name}.svg", directory / f"profile-{name}.txt"
-        cell = Cell(url=service.url, stream=stream, concurrency=CONCURRENCY, duration_s=PROFILE_SECONDS + 1.0,
+        # Two recordings one after the other: py-spy cannot suspend a process that another py-spy holds.
+        cell = Cell(url=service.url, stream=stream, concurrency=CONCURRENCY, duration_s=2 * PROFILE_SECONDS + 2.0,
                     warmup_s=0.5)
         running = generator.start(cell)
-        time.sleep(max(0.0, running.window_start - time.monotonic()))
-        recorders = [_record(binary, pid, output, fmt, client_core)
-                     for output, fmt in ((svg, "flamegraph"), (raw, "raw"))]
-        for recorder in recorders:
-            _, stderr = recorder.communicate()
-            if recorder.returncode != 0:
-                raise RuntimeError(f"py-spy failed ({recorder.returncode}): {stderr.decode(errors='replace')[-500:]}")
-        running.result()
+        try:
+            time.sleep(max(0.0, running.window_start - time.monotonic()))
+            for output, fmt in ((raw, "raw"), (svg, "flamegraph")):
+                recorder = _record(binary, pid, output, fmt, client_core)
+                _, stderr = recorder.communicate()
+                if recorder.returncode != 0:
+                    error = stderr.decode(errors="replace")[-500:]
+                    raise RuntimeError(f"py-spy failed ({recorder.returncode}): {error}")
+        finally:
+            running.result()
         profiles.append({
             "title": f"{'Streaming' if stream else 'Non-streaming'}, c={CONCURRENCY}",
             "svg": svg.name, "collapsed": raw.name, **summarize_stacks(raw.read_text()),

@@ -267,7 +267,14 @@ def _latency_table(results: Results, scenario: str, metric: str) -> list[str]:
 
 
 def _cpu_cost_table(results: Results) -> list[str]:
-    """Gateway CPU time per request at the highest concurrency: robust to other load on the machine."""
+    """Gateway CPU time per request at the highest concurrency, and the capacities it implies.
+
+    A gateway that saturates its core serves 1 / (CPU per request) requests/s, so the ratio of
+    two gateways' CPU costs estimates the ratio of their capacities even when a cell was
+    client-bound or disturbed by other load.
+    """
+    gateways = [g for g in results.gateways("stream") if g != "direct"]
+    baselines = [b for b in ("nginx", "aiohttp") if b in gateways and "wrapper" in gateways]
     rows = []
     for scenario, what in (("stream", "streamed request (64 chunks)"), ("nonstream", "non-streamed request"),
                            ("decode", "streamed request, 5 ms/token")):
@@ -275,11 +282,15 @@ def _cpu_cost_table(results: Results) -> list[str]:
         if not cs:
             continue
         c = cs[-1]
-        gateways = [g for g in results.gateways("stream") if g != "direct"]
-        rows.append([f"{what}, c={c}",
-                     *(_rate(results.median(scenario, g, c, "cpu_us_per_request")) for g in gateways)])
-    gateways = [g for g in results.gateways("stream") if g != "direct"]
-    return _table(["gateway CPU per request (µs)", *(_label(g) for g in gateways)], rows) if rows else []
+        costs = {g: results.median(scenario, g, c, "cpu_us_per_request") for g in gateways}
+        capacity = []
+        for b in baselines:
+            wrapper_cost, baseline_cost = costs.get("wrapper"), costs.get(b)
+            capacity.append(f"{baseline_cost / wrapper_cost:.2f}×" if wrapper_cost and baseline_cost else "—")
+        rows.append([f"{what}, c={c}", *(_rate(costs[g]) for g in gateways), *capacity])
+    headers = ["gateway CPU per request (µs)", *(_label(g) for g in gateways),
+               *(f"wrapper capacity / {_label(b)}'s" for b in baselines)]
+    return _table(headers, rows) if rows else []
 
 
 def _added_latency_table(results: Results) -> list[str]:

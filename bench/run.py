@@ -201,7 +201,7 @@ class Bench:
                     cell = Cell(url=service.url, stream=stream, concurrency=SCALE_CONCURRENCY, duration_s=d,
                                 warmup_s=w)
                     jobs.append(Job("scale-stream" if stream else "scale-nonstream", name, cell, service, False))
-            self.run_jobs(jobs)
+            self.run_jobs("fake upstream", jobs)
             if plan.profile and with_wrapper:
                 RESULTS_DIR.mkdir(parents=True, exist_ok=True)
                 try:
@@ -225,14 +225,14 @@ class Bench:
                                 warmup_s=max(self.plan.warmup_s, 1.0), max_tokens=ENGINE_MAX_TOKENS,
                                 extra={"ignore_eos": True}, model=str(ENGINE_MODEL))
                     jobs.append(Job("engine", name, cell, service, False))
-            self.run_jobs(jobs)
+            self.run_jobs("engine", jobs)
 
-    def run_jobs(self, jobs: list[Job]) -> None:
+    def run_jobs(self, matrix: str, jobs: list[Job]) -> None:
         """Each repeat runs every job once; gateways rotate so that none always goes first."""
         total = len(jobs) * self.plan.repeats
         done = 0
         for rep in range(self.plan.repeats):
-            self.results.note_load_average(f"repeat {rep + 1} start", machine.load_average())
+            self.results.note_load_average(f"{matrix} repeat {rep + 1}", machine.load_average())
             for job in _rotated(jobs, rep):
                 running = self.generator.start(job.cell)
                 _sleep_until(running.window_start)

@@ -32,6 +32,15 @@ _SKIPPED_EXTRAS = frozenset(RESERVED_ATTRS) | {"color_message", "taskName"}
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
+def _writable(line: str) -> str:
+    """`line` with lone surrogates escaped as \\ud800, so that it can be written as UTF-8.
+
+    Clients can send them as JSON escapes (in the model name, say); unescaped,
+    the handler would drop the line and print a traceback instead.
+    """
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class TextFormatter(logging.Formatter):
     """Plain lines for reading in a terminal, extra fields appended as key=value."""
 
@@ -40,7 +49,14 @@ class TextFormatter(logging.Formatter):
         extras = " ".join(
             f"{key}={value}" for key, value in record.__dict__.items() if key not in _SKIPPED_EXTRAS
         )
-        return f"{line} {extras}" if extras else line
+        return _writable(f"{line} {extras}" if extras else line)
+
+
+class JsonLineFormatter(JsonFormatter):
+    """python-json-logger's formatter, with lines that can always be written as UTF-8."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _writable(super().format(record))
 
 
 def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.Formatter:
@@ -54,7 +70,7 @@ def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.
         return TextFormatter(TEXT_FORMAT)
     if log_format != "json":
         raise ValueError(f"LOG_FORMAT={log_format!r} is not supported; use json or text")
-    return JsonFormatter(
+    return JsonLineFormatter(
         "%(levelname)s %(name)s %(message)s",
         rename_fields={"levelname": "level", "name": "logger"},
         # timestamp=True adds the key last; the default puts it first in each line.

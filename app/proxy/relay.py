@@ -97,6 +97,8 @@ class V1Proxy:
             payload = json.loads(body)
         except ValueError:
             raise APIError(400, "Request body is not valid JSON.", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "Request body is nested too deeply; flatten the JSON.", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise APIError(400, "Request body must be a JSON object.", code="invalid_json")
         model = payload.get("model")
@@ -116,7 +118,7 @@ class V1Proxy:
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
                 changed = True
         if changed:
-            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+            body = _encode_json(payload)
         return body, client_usage
 
     async def _forward(
@@ -268,6 +270,14 @@ class Reply:
     def close(self) -> None:
         self._armed = False
         self._watcher.cancel()
+
+
+def _encode_json(payload: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; a lone surrogate (a legal JSON escape, not UTF-8) keeps its escape."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _query(scope: Scope) -> str:

@@ -77,11 +77,13 @@ def test_test_api_reports_private_media_refusal_as_skip(
 
 
 def test_test_api_with_api_key_checks_401_and_fails_without_key(
-    text_stack: Stack, wrapper: Callable[..., Stack], tmp_path: Path
+    vlm_stack: Stack, wrapper: Callable[..., Stack], tmp_path: Path
 ) -> None:
-    protected = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, API_KEY="k-test-api")
+    protected = wrapper(vlm_stack.engine_url, SERVED_MODEL_NAME=VLM_MODEL, ALLOW_PRIVATE_MEDIA_URLS="true",
+                        IMAGE_LIMIT="2", VIDEO_LIMIT="1", API_KEY="k-test-api")
     code, output, rows = run_test_api(protected.base_url, tmp_path, "--api-key", "k-test-api")
     assert code == 0, output
+    assert set(statuses(rows).values()) == {"pass"}, output
     assert "401 without key" in rows["error shapes"]["detail"]
 
     code, output, rows = run_test_api(protected.base_url, tmp_path)

@@ -31,8 +31,8 @@ from tests.stack import ENGINE_READY_TIMEOUT_S, Stack, kill_tree, model_dir, por
 MODEL_ID = "org/tiny-llama"
 ADAPTER_ID = "org/tiny-lora"
 ADAPTER_NAME = "sql"
-# About 5 s for the 1.1 MB weights file: long enough to watch the download phase.
-HUB_BYTES_PER_SECOND = 200 * 1024
+# About 12 s for the 1.2 MB of files: the download phase is seen even if the wrapper is slow to bind.
+HUB_BYTES_PER_SECOND = 100 * 1024
 PROBE_INTERVAL_S = 0.2
 # The issue asks for about a second; this bound leaves room for a loaded machine.
 PORT_BIND_BOUND_S = 5.0
@@ -120,8 +120,12 @@ def hub_start(hub: FakeHub, hf_home: Path, tmp_path_factory: pytest.TempPathFact
     hub.reset_counters()
     started = time.monotonic()
     stack = start_stack(
-        MODEL_ID, port=port(61), vllm_port=port(62), log_path=tmp_path_factory.mktemp("logs") / "hub-start.log",
-        extra_env=hub_stack_env(hub, hf_home), wait=False,
+        MODEL_ID,
+        port=port(61),
+        vllm_port=port(62),
+        log_path=tmp_path_factory.mktemp("logs") / "hub-start.log",
+        extra_env=hub_stack_env(hub, hf_home),
+        wait=False,
     )
     try:
         yield ObservedStart(stack, observe_start(stack, started))
@@ -211,7 +215,10 @@ def test_a_restart_with_a_warm_cache_makes_no_hub_request(
     hub.reset_counters()
 
     stack = start_stack(
-        MODEL_ID, port=port(63), vllm_port=port(64), log_path=tmp_path_factory.mktemp("logs") / "warm-start.log",
+        MODEL_ID,
+        port=port(63),
+        vllm_port=port(64),
+        log_path=tmp_path_factory.mktemp("logs") / "warm-start.log",
         extra_env=hub_stack_env(hub, hf_home),
     )
     try:

@@ -4,7 +4,8 @@ Load: 200 streaming clients for 60 seconds against a wrapper allowed 32
 requests in flight and 64 waiting. Every request ends as a complete stream
 or as a documented refusal (429 `queue_full`, 503 `queue_timeout`, each with
 an OpenAI error body and `Retry-After`); nothing hangs, no connection drops,
-and afterwards the wrapper and the engine are idle and healthy again.
+and afterwards the wrapper and the engine are idle and healthy again, with
+every concurrency slot free.
 
 Soak: 1,000 warm-up requests, then 10,000 more through one wrapper process;
 its resident memory grows by less than 10% between the two.
@@ -39,7 +40,10 @@ LOAD_DURATION_S = 60.0
 LOAD_MAX_TOKENS = 24
 # A request that takes longer than this counts as hung.
 CLIENT_TIMEOUT_S = 60.0
-OVERLOAD_ENV = {"MAX_CONCURRENT_REQUESTS": "32", "MAX_QUEUE": "64", "QUEUE_TIMEOUT_S": "5"}
+# 200 clients against 32 slots and 64 places in the queue: the rest get 429 at
+# once, and with a one-second queue timeout the tail of the queue gets 503.
+CONCURRENCY_LIMIT = 32
+OVERLOAD_ENV = {"MAX_CONCURRENT_REQUESTS": str(CONCURRENCY_LIMIT), "MAX_QUEUE": "64", "QUEUE_TIMEOUT_S": "1"}
 REFUSALS = {429: "queue_full", 503: "queue_timeout"}
 
 SOAK_CONCURRENCY = 24
@@ -131,9 +135,7 @@ class Outcomes:
         return sum(self.counts.values())
 
 
-async def send_chat(
-    session: aiohttp.ClientSession, url: str, body: dict[str, object], outcomes: Outcomes
-) -> float:
+async def send_chat(session: aiohttp.ClientSession, url: str, body: dict[str, object], outcomes: Outcomes) -> float:
     """Send one chat request, read it to the end and record how it ended; returns the Retry-After to honour."""
     try:
         async with session.post(url, json=body) as response:
@@ -148,12 +150,16 @@ async def send_chat(
             if response.status != 200:
                 outcomes.add(f"failed: HTTP {response.status}", raw.decode(errors="replace"))
                 return 0.0
-            problem = stream_problem(raw.decode(errors="replace").splitlines()) if body["stream"] else completion_problem(raw, body)
+            problem = (
+                stream_problem(raw.decode(errors="replace").splitlines())
+                if body["stream"]
+                else completion_problem(raw, body)
+            )
             if problem:
                 outcomes.add("failed: malformed answer", f"{problem}: {raw[-300:]!r}")
             else:
                 outcomes.add("completed")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         outcomes.add("failed: no answer within the client timeout", f"{CLIENT_TIMEOUT_S:g}s")
     except aiohttp.ClientError as error:
         outcomes.add("failed: connection error", repr(error))
@@ -166,13 +172,14 @@ def client_session() -> aiohttp.ClientSession:
     )
 
 
-def wrapper_gauges(base_url: str) -> dict[str, float]:
+def wrapper_series(base_url: str, *names: str) -> dict[str, float]:
+    """The values of unlabelled series of the wrapper's /metrics."""
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     return {
         sample.name: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name in ("vllm_api_requests_in_flight", "vllm_api_queue_depth")
+        if sample.name in names
     }
 
 
@@ -194,11 +201,8 @@ def write_report(logs_dir: Path, name: str, report: dict[str, object]) -> None:
 # --- Load --------------------------------------------------------------------------
 
 
-async def test_200_streaming_clients_get_a_complete_stream_or_a_documented_refusal(
-    text_stack: Stack, wrapper, logs_dir: Path
-) -> None:
-    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, **OVERLOAD_ENV)
-    url = gateway.base_url + CHAT_PATH
+async def overload(url: str) -> tuple[Outcomes, float]:
+    """LOAD_CLIENTS streaming clients, each sending requests back to back until LOAD_DURATION_S is up."""
     body = chat_body(LOAD_MAX_TOKENS, stream=True)
     outcomes = Outcomes()
     started = time.monotonic()
@@ -213,10 +217,32 @@ async def test_200_streaming_clients_get_a_complete_stream_or_a_documented_refus
     async with client_session() as session:
         clients = [streaming_client(session) for _ in range(LOAD_CLIENTS)]
         await asyncio.wait_for(asyncio.gather(*clients), LOAD_DURATION_S + CLIENT_TIMEOUT_S + 30)
-    elapsed = time.monotonic() - started
+    return outcomes, time.monotonic() - started
 
-    idle_engine = wait_until(lambda: engine_gauge(text_stack.engine_url, "vllm:num_requests_running") == 0, IDLE_WAIT_S)
-    gauges = wrapper_gauges(gateway.base_url)
+
+async def burst(url: str, count: int) -> Outcomes:
+    """`count` short non-streaming requests at once."""
+    outcomes = Outcomes()
+    async with client_session() as session:
+        await asyncio.gather(*(send_chat(session, url, chat_body(4, stream=False), outcomes) for _ in range(count)))
+    return outcomes
+
+
+def test_200_streaming_clients_get_a_complete_stream_or_a_documented_refusal(
+    text_stack: Stack, wrapper, logs_dir: Path
+) -> None:
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, **OVERLOAD_ENV)
+    url = gateway.base_url + CHAT_PATH
+
+    outcomes, elapsed = asyncio.run(overload(url))
+
+    engine_idle = wait_until(lambda: engine_gauge(text_stack.engine_url, "vllm:num_requests_running") == 0, IDLE_WAIT_S)
+    gauges = wrapper_series(gateway.base_url, "vllm_api_requests_in_flight", "vllm_api_queue_depth")
+    health = httpx.get(f"{gateway.base_url}/health", timeout=10).status_code
+    # Every slot came back: a full set of MAX_CONCURRENT_REQUESTS is admitted without queueing.
+    queued_before = wrapper_series(gateway.base_url, "vllm_api_queue_wait_seconds_count")
+    refill = asyncio.run(burst(url, CONCURRENCY_LIMIT))
+    queued_after = wrapper_series(gateway.base_url, "vllm_api_queue_wait_seconds_count")
     report = {
         "clients": LOAD_CLIENTS,
         "duration_s": round(elapsed, 1),
@@ -234,9 +260,11 @@ async def test_200_streaming_clients_get_a_complete_stream_or_a_documented_refus
     assert set(outcomes.counts) <= {"completed", "rejected_429", "rejected_503"}, report
     assert outcomes.counts["completed"] >= LOAD_CLIENTS, report
     assert outcomes.counts["rejected_429"] > 0, "200 clients never overflowed a queue of 64"
-    assert httpx.get(f"{gateway.base_url}/health", timeout=10).status_code == 200
+    assert health == 200
     assert gauges == {"vllm_api_requests_in_flight": 0.0, "vllm_api_queue_depth": 0.0}
-    assert idle_engine, "the engine still runs requests after every client got its answer"
+    assert engine_idle, "the engine still runs requests after every client got its answer"
+    assert refill.counts == {"completed": CONCURRENCY_LIMIT}, refill
+    assert queued_after == queued_before, "after the load, fewer than MAX_CONCURRENT_REQUESTS slots are free"
 
 
 # --- Soak --------------------------------------------------------------------------
@@ -249,36 +277,34 @@ def wrapper_process(stack: Stack) -> psutil.Process:
     return serving[0]
 
 
-async def run_requests(
-    session: aiohttp.ClientSession, url: str, count: int, outcomes: Outcomes, deadline: float
-) -> None:
+async def steady_traffic(url: str, count: int, outcomes: Outcomes, deadline: float) -> None:
     """`count` requests from SOAK_CONCURRENCY clients, one in SOAK_STREAM_EVERY streaming."""
     numbers = iter(range(count))
 
-    async def client() -> None:
+    async def client(session: aiohttp.ClientSession) -> None:
         for number in numbers:
             if time.monotonic() > deadline:
                 return
             stream = number % SOAK_STREAM_EVERY == 0
             await send_chat(session, url, chat_body(4 if stream else 1, stream), outcomes)
 
-    await asyncio.gather(*(client() for _ in range(SOAK_CONCURRENCY)))
+    async with client_session() as session:
+        await asyncio.gather(*(client(session) for _ in range(SOAK_CONCURRENCY)))
 
 
-async def test_wrapper_memory_stays_flat_over_10000_requests(text_stack: Stack, wrapper, logs_dir: Path) -> None:
+def test_wrapper_memory_stays_flat_over_10000_requests(text_stack: Stack, wrapper, logs_dir: Path) -> None:
     gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL)
     url = gateway.base_url + CHAT_PATH
     serving = wrapper_process(gateway)
     outcomes = Outcomes()
     deadline = time.monotonic() + SOAK_TIME_LIMIT_S
 
-    async with client_session() as session:
-        await run_requests(session, url, SOAK_WARMUP_REQUESTS, outcomes, deadline)
-        rss_start = serving.memory_info().rss
-        started = time.monotonic()
-        await run_requests(session, url, SOAK_REQUESTS, outcomes, deadline)
-        elapsed = time.monotonic() - started
-        rss_end = serving.memory_info().rss
+    asyncio.run(steady_traffic(url, SOAK_WARMUP_REQUESTS, outcomes, deadline))
+    rss_start = serving.memory_info().rss
+    started = time.monotonic()
+    asyncio.run(steady_traffic(url, SOAK_REQUESTS, outcomes, deadline))
+    elapsed = time.monotonic() - started
+    rss_end = serving.memory_info().rss
 
     growth = (rss_end - rss_start) / rss_start
     report = {

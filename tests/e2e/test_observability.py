@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from typing import Any
 
@@ -27,7 +29,7 @@ from app import __version__ as WRAPPER_VERSION
 from tests.e2e.conftest import TEXT_MODEL, VLM_MODEL
 from tests.e2e.test_serving import png_data_url
 from tests.promql_names import load_dashboard_exprs, missing_names
-from tests.stack import ROOT, Stack, model_dir
+from tests.stack import ROOT, Stack, model_dir, port
 
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "vllm-inference-api.json"
 LOG_LINE_TIMEOUT_S = 10.0
@@ -72,6 +74,11 @@ def samples(exposition: str, name: str) -> dict[Labels, float]:
         for sample in family.samples
         if sample.name == name
     }
+
+
+def counted(values: dict[Labels, float]) -> dict[Labels, float]:
+    """Series that counted something; probes without a model leave zero-valued `model=""` series."""
+    return {labels: value for labels, value in values.items() if value}
 
 
 def summed_by(values: dict[Labels, float], *keep: str) -> dict[tuple[str, ...], float]:
@@ -184,11 +191,11 @@ def test_metrics_count_exactly_the_requests_sent(text_stack: Stack, wrapper: Sta
     }
     durations = summed_by(samples(text, "vllm_api_request_duration_seconds_count"), "route", "model")
     assert v1_only(durations) == {(chat, TEXT_MODEL): 4, (completions, TEXT_MODEL): 2, (models, TEXT_MODEL): 1}
-    assert samples(text, "vllm_api_time_to_first_token_seconds_count") == {(("model", TEXT_MODEL),): 3}
-    assert samples(text, "vllm_api_prompt_tokens_total") == {
+    assert counted(samples(text, "vllm_api_time_to_first_token_seconds_count")) == {(("model", TEXT_MODEL),): 3}
+    assert counted(samples(text, "vllm_api_prompt_tokens_total")) == {
         (("model", TEXT_MODEL),): sum(usage.prompt_tokens for usage in usages)
     }
-    assert samples(text, "vllm_api_completion_tokens_total") == {
+    assert counted(samples(text, "vllm_api_completion_tokens_total")) == {
         (("model", TEXT_MODEL),): sum(usage.completion_tokens for usage in usages)
     }
     assert sum(usage.completion_tokens for usage in usages) == 6 + 5 + 7 + 7 + 4
@@ -315,11 +322,87 @@ def test_stream_without_include_usage_gets_no_usage_chunk_but_is_counted(text_st
     usage = usage_event["usage"]
     assert usage["completion_tokens"] == 6
 
-    counted = log_line(gateway, "usage-not-asked")
-    assert (counted["prompt_tokens"], counted["completion_tokens"]) == (usage["prompt_tokens"], 6)
+    not_asked = log_line(gateway, "usage-not-asked")
+    assert (not_asked["prompt_tokens"], not_asked["completion_tokens"]) == (usage["prompt_tokens"], 6)
     asked = log_line(gateway, "usage-asked")
     assert (asked["prompt_tokens"], asked["completion_tokens"]) == (usage["prompt_tokens"], 6)
-    assert samples(scrape(gateway), "vllm_api_completion_tokens_total") == {(("model", TEXT_MODEL),): 12}
+    assert counted(samples(scrape(gateway), "vllm_api_completion_tokens_total")) == {(("model", TEXT_MODEL),): 12}
+
+
+class LateEndRelay:
+    """A TCP relay to the engine that delivers the end of each chunked response `delay_s` late.
+
+    The engine ends a stream with `data: [DONE]` and then, a moment later, the
+    end of its chunked response. On a busy machine that moment grows; the
+    relay makes it long every time, so a client that hangs up right after
+    `[DONE]` always does so before the wrapper has read the engine's end.
+    """
+
+    LAST_CHUNK = b"0\r\n\r\n"
+
+    def __init__(self, engine_url: str, listen_port: int, delay_s: float) -> None:
+        self.target = httpx.URL(engine_url)
+        self.delay_s = delay_s
+        self.server = socket.create_server(("127.0.0.1", listen_port))
+        self.url = f"http://127.0.0.1:{listen_port}"
+        self.sockets: list[socket.socket] = [self.server]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.target.host, self.target.port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.delay_s), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delay_s: float) -> None:
+        try:
+            while data := source.recv(65536):
+                if delay_s and (data == self.LAST_CHUNK or data.endswith(b"\r\n" + self.LAST_CHUNK)):
+                    sink.sendall(data[: -len(self.LAST_CHUNK)])
+                    time.sleep(delay_s)
+                    data = self.LAST_CHUNK
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def late_end_engine(text_stack: Stack) -> Iterator[str]:
+    relay = LateEndRelay(text_stack.engine_url, port(40), delay_s=0.5)
+    yield relay.url
+    relay.close()
+
+
+def test_stream_is_complete_when_the_client_hangs_up_right_after_done(
+    late_end_engine: str, wrapper: StartWrapper
+) -> None:
+    """The openai SDK closes the connection as soon as it reads `[DONE]`: that is a finished request."""
+    gateway = wrapper(late_end_engine, SERVED_MODEL_NAME=TEXT_MODEL)
+    api = client(gateway)
+
+    for index in range(3):
+        chunks = list(api.chat.completions.create(
+            model=TEXT_MODEL, messages=PROMPT, stream=True, extra_headers={"X-Request-ID": f"sdk-stream-{index}"},
+            **fixed_length(4),
+        ))
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+    lines = [log_line(gateway, f"sdk-stream-{index}") for index in range(3)]
+    assert [(line["status"], line["completion_tokens"], line.get("error")) for line in lines] == [(200, 4, None)] * 3, lines
+    text = scrape(gateway)
+    assert counted(samples(text, "vllm_api_completion_tokens_total")) == {(("model", TEXT_MODEL),): 12}
+    assert counted(samples(text, "vllm_api_errors_total")) == {}
 
 
 # --- Request ids -------------------------------------------------------------------

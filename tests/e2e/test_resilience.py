@@ -18,9 +18,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import TEXT_MODEL
 from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_stack
+
+# Generating this many tokens takes seconds on the tiny model, even on an idle machine.
+HOLDING_TOKENS = 1500
+
 
 def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[str, object]:
     body: dict[str, object] = {
@@ -32,6 +37,13 @@ def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[
     if fixed_length:
         body.update({"min_tokens": max_tokens, "ignore_eos": True})
     return body
+
+
+def wrapper_sample(base_url: str, name: str) -> float:
+    """One unlabelled sample of the wrapper's /metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    samples = (sample for family in text_string_to_metric_families(text) for sample in family.samples)
+    return next(sample.value for sample in samples if sample.name == name)
 
 
 def read_sse(response: httpx.Response) -> list[str]:
@@ -46,17 +58,19 @@ async def test_queued_requests_are_served_in_arrival_order(text_stack: Stack, wr
     finished: list[int] = []
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
 
-        async def request(index: int) -> None:
-            response = await client.post("/v1/chat/completions", json=chat_body(40, stream=False))
+        async def request(index: int, max_tokens: int) -> None:
+            response = await client.post("/v1/chat/completions", json=chat_body(max_tokens, stream=False))
             assert response.status_code == 200
             finished.append(index)
 
-        tasks = []
-        for index in range(6):
-            tasks.append(asyncio.ensure_future(request(index)))
+        # The first request holds the only slot for seconds, so the next five queue up.
+        tasks = [asyncio.ensure_future(request(0, HOLDING_TOKENS))]
+        for index in range(1, 6):
             await asyncio.sleep(0.15)  # distinct arrival times
+            tasks.append(asyncio.ensure_future(request(index, 40)))
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
     assert finished == list(range(6))
+    assert wrapper_sample(gateway.base_url, "vllm_api_queue_wait_seconds_count") == 5
 
 
 async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wrapper) -> None:
@@ -64,10 +78,11 @@ async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wra
         text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL,
         MAX_CONCURRENT_REQUESTS="1", MAX_QUEUE="2", QUEUE_TIMEOUT_S="0.5",
     )
+    # Each admitted request holds the slot for far longer than QUEUE_TIMEOUT_S.
+    body = chat_body(HOLDING_TOKENS, stream=False)
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
         responses = await asyncio.wait_for(
-            asyncio.gather(*(client.post("/v1/chat/completions", json=chat_body(150, stream=False)) for _ in range(8))),
-            120,
+            asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(8))), 120,
         )
     statuses = Counter(response.status_code for response in responses)
     assert statuses[200] >= 1 and statuses[429] >= 1 and statuses[503] >= 1, statuses
@@ -75,21 +90,24 @@ async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wra
     for response in responses:
         if response.status_code in (429, 503):
             assert int(response.headers["retry-after"]) >= 1
-            assert response.json()["error"]["code"] in ("queue_full", "queue_timeout")
-    metrics = httpx.get(f"{gateway.base_url}/metrics").text
-    assert "vllm_api_queue_depth" in metrics and "vllm_api_queue_wait_seconds_count" in metrics
+            expected = "queue_full" if response.status_code == 429 else "queue_timeout"
+            assert response.json()["error"]["code"] == expected
+    assert wrapper_sample(gateway.base_url, "vllm_api_queue_depth") == 0
+    assert wrapper_sample(gateway.base_url, "vllm_api_queue_wait_seconds_count") == statuses[503] + statuses[200] - 1
 
 
 # --- Cancellation ------------------------------------------------------------------
 
 
 def test_client_disconnect_mid_stream_aborts_the_engine_request(text_stack: Stack) -> None:
-    with httpx.Client(base_url=text_stack.base_url, timeout=60) as client:
-        with client.stream("POST", "/v1/chat/completions", json=chat_body(1800, stream=True)) as response:
-            lines = response.iter_lines()
-            for _ in range(5):
-                next(lines)
-            assert engine_gauge(text_stack.engine_url, "vllm:num_requests_running") == 1
+    with (
+        httpx.Client(base_url=text_stack.base_url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=chat_body(1800, stream=True)) as response,
+    ):
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert engine_gauge(text_stack.engine_url, "vllm:num_requests_running") == 1
     deadline = time.monotonic() + 3
     while engine_gauge(text_stack.engine_url, "vllm:num_requests_running") > 0:
         assert time.monotonic() < deadline, "engine still generating for a client that left"
@@ -97,11 +115,15 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(text_stack: Stac
 
 
 def test_keepalive_comments_before_the_first_token(text_stack: Stack, wrapper) -> None:
-    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, SSE_KEEPALIVE_S="0.05")
-    body = chat_body(1, stream=True) | {"messages": [{"role": "user", "content": "word " * 400}]}
-    with httpx.Client(base_url=gateway.base_url, timeout=60) as client:
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            raw = b"".join(response.iter_raw()).decode()
+    # A prompt near MAX_MODEL_LEN (about 1,800 tokens) takes tens of milliseconds to
+    # prefill even on the tiny model; the interval is far shorter than that.
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, SSE_KEEPALIVE_S="0.005")
+    body = chat_body(1, stream=True) | {"messages": [{"role": "user", "content": "word " * 900}]}
+    with (
+        httpx.Client(base_url=gateway.base_url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        raw = b"".join(response.iter_raw()).decode()
     assert raw.startswith(": keep-alive\n\n")
     assert raw.rstrip().endswith("data: [DONE]")
 
@@ -130,10 +152,12 @@ def engine_process(stack: Stack) -> psutil.Process:
 
 def stream_in_thread(base_url: str, body: dict[str, object], out: dict[str, object]) -> threading.Thread:
     def run() -> None:
-        with httpx.Client(base_url=base_url, timeout=120) as client:
-            with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                out["status"] = response.status_code
-                out["lines"] = read_sse(response)
+        with (
+            httpx.Client(base_url=base_url, timeout=120) as client,
+            client.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            out["status"] = response.status_code
+            out["lines"] = read_sse(response)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -175,16 +199,22 @@ def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(restart
 
 def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> None:
     results = [{} for _ in range(2)]
-    threads = [stream_in_thread(restart_stack.base_url, chat_body(300, stream=True), out) for out in results]
+    # Long enough (seconds even on an idle machine) that the checks below run mid-drain.
+    # Usage counts tokens: a byte-level token can carry an empty delta, so content chunks do not.
+    body = chat_body(HOLDING_TOKENS, stream=True) | {"stream_options": {"include_usage": True}}
+    threads = [stream_in_thread(restart_stack.base_url, body, out) for out in results]
     deadline = time.monotonic() + 30
     while engine_gauge(restart_stack.engine_url, "vllm:num_requests_running") < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     restart_stack.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{restart_stack.base_url}/ping", timeout=5).status_code != 503:
+        assert time.monotonic() < deadline, "/ping still healthy 10 s after SIGTERM"
+        time.sleep(0.05)
     late = httpx.post(f"{restart_stack.base_url}/v1/chat/completions", json=chat_body(4, stream=False), timeout=10)
     assert late.status_code == 503 and late.headers["retry-after"]
-    assert httpx.get(f"{restart_stack.base_url}/ping", timeout=5).status_code == 503
+    assert late.json()["error"]["code"] == "draining"
     assert httpx.get(f"{restart_stack.base_url}/health", timeout=5).json()["phase"] == "draining"
     for thread in threads:
         thread.join(60)
@@ -192,9 +222,9 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> 
         lines = out["lines"]
         assert out["status"] == 200 and lines[-1] == "data: [DONE]"
         chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-        content = [c for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content")]
-        assert len(content) == 300, "a drained stream lost tokens"
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["usage"]["completion_tokens"] == HOLDING_TOKENS, "a drained stream lost tokens"
+        choices = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
+        assert choices[-1]["finish_reason"] == "length"
     assert restart_stack.process.wait(60) == 0
 
 
