@@ -7,8 +7,9 @@ writes a flame graph (SVG) and collapsed stacks; the stacks are reduced to the
 functions with the most samples (self and inclusive) and to self time per
 package (the wrapper's own modules one by one), which the report lists.
 Only the thread holding the GIL is sampled (`--gil`): idle helper threads, such
-as aiosqlite's, would otherwise show as busy. Time spent in C (uvloop,
-httptools, syscalls) counts towards the Python frame that called it.
+as aiosqlite's, would otherwise show as busy. C frames are included
+(`--native`), so time in the interpreter (garbage collection), uvloop, the
+HTTP parsers and syscalls shows where it is spent.
 py-spy runs on the client core, so the sampling does not take the gateway's CPU.
 """
 
@@ -91,7 +92,7 @@ def summarize_stacks(collapsed: str, limit: int = TOP_FUNCTIONS) -> dict[str, ob
 
 def _record(binary: str, pid: int, output: Path, fmt: str, core: int) -> subprocess.Popen[bytes]:
     argv = ["taskset", "-c", str(core), binary, "record", "--pid", str(pid), "--duration", str(PROFILE_SECONDS),
-            "--rate", str(SAMPLE_RATE_HZ), "--gil", "--format", fmt, "--output", str(output)]
+            "--rate", str(SAMPLE_RATE_HZ), "--gil", "--native", "--format", fmt, "--output", str(output)]
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -386,7 +386,10 @@ def markdown(results: Results, outcomes: list[Outcome], plots: list[Path]) -> st
             what = "chunks/s" if scenario == "scale-stream" else "requests/s"
             out += [f"## Scale-out, unpinned (both cores), {what}", "", *_rate_table(results, scenario, [])]
     if results.profiles:
-        out += ["## Where the wrapper's time goes (py-spy, c=64)", ""]
+        out += ["## Where the wrapper's time goes (py-spy, c=64)", "",
+                ("Samples of the thread holding the GIL, by wall clock: when other processes share the gateway "
+                 "core, preemption lands more samples in long CPU bursts (such as garbage collection), so compare "
+                 "profiles only from quiet runs."), ""]
         for prof in results.profiles:
             out += [f"### {prof['title']}", "", f"Flame graph: `{prof['svg']}`; {prof['samples']} samples.", ""]
             out += _table(["self %", "package or wrapper module"],

@@ -208,6 +208,10 @@ class V1Proxy:
         while chunk:
             chunk = usage.feed(chunk)
             if chunk:
+                if chunk.endswith(DONE):
+                    # The client now has the whole stream; hanging up (the openai SDK does so
+                    # right after [DONE]) must not turn a finished request into an abort.
+                    reply.disarm()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             chunk = await content.readany()
         record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens

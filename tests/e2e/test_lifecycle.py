@@ -121,8 +121,8 @@ def hub_start(hub: FakeHub, hf_home: Path, tmp_path_factory: pytest.TempPathFact
     started = time.monotonic()
     stack = start_stack(
         MODEL_ID,
-        port=port(61),
-        vllm_port=port(62),
+        port=port(81),
+        vllm_port=port(82),
         log_path=tmp_path_factory.mktemp("logs") / "hub-start.log",
         extra_env=hub_stack_env(hub, hf_home),
         wait=False,
@@ -216,8 +216,8 @@ def test_a_restart_with_a_warm_cache_makes_no_hub_request(
 
     stack = start_stack(
         MODEL_ID,
-        port=port(63),
-        vllm_port=port(64),
+        port=port(83),
+        vllm_port=port(84),
         log_path=tmp_path_factory.mktemp("logs") / "warm-start.log",
         extra_env=hub_stack_env(hub, hf_home),
     )

@@ -90,7 +90,7 @@ def stacks() -> Iterator[list[Stack]]:
 def start_refused(hub: FakeHub, hf_home: Path, refusal: HubRefusal, log_path: Path, **env: str) -> Stack:
     model = refusal.env["MODEL_NAME"]
     extra_env = {**hub_environment(hub), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0", **refusal.env, **env}
-    return start_stack(model, port=port(71), vllm_port=port(72), log_path=log_path, extra_env=extra_env, wait=False)
+    return start_stack(model, port=port(91), vllm_port=port(92), log_path=log_path, extra_env=extra_env, wait=False)
 
 
 def wait_for_exit(stack: Stack, started: float, timeout_s: float) -> float:
@@ -221,8 +221,8 @@ def test_a_context_above_the_models_limit_is_served_as_the_classifiers_sentence(
     started = time.monotonic()
     stack = start_stack(
         model_dir("tiny-llama"),
-        port=port(73),
-        vllm_port=port(74),
+        port=port(93),
+        vllm_port=port(94),
         log_path=tmp_path / "serve.log",
         extra_env={"MAX_MODEL_LEN": "100000", "SERVED_MODEL_NAME": "tiny-chat"},
         wait=False,
@@ -243,8 +243,8 @@ def test_a_context_above_the_models_limit_exits_non_zero_with_on_startup_failure
     started = time.monotonic()
     stack = start_stack(
         model_dir("tiny-llama"),
-        port=port(75),
-        vllm_port=port(76),
+        port=port(95),
+        vllm_port=port(96),
         log_path=tmp_path / "exit.log",
         extra_env={"MAX_MODEL_LEN": "100000", "ON_STARTUP_FAILURE": "exit"},
         wait=False,
@@ -269,8 +269,8 @@ def test_a_kv_cache_too_small_is_retried_with_the_context_length_the_engine_esti
     overrides = json.dumps({"max_position_embeddings": requested})
     stack = start_stack(
         model_dir("tiny-llama"),
-        port=port(77),
-        vllm_port=port(78),
+        port=port(97),
+        vllm_port=port(98),
         log_path=tmp_path / "retry.log",
         extra_env={
             "MAX_MODEL_LEN": str(requested),
