@@ -40,8 +40,9 @@ from openai.types.chat import ChatCompletion
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
+# Union, not `|`: PIL is optional, so its Image type is only a string here.
 ImageInput = Union[str, Path, bytes, "PILImage"]
-VideoInput = Union[str, Path, bytes]
+VideoInput = str | Path | bytes
 Message = dict[str, Any]
 
 DEFAULT_MAX_RETRIES = 4
@@ -120,7 +121,9 @@ def user_message(text: str, images: Iterable[ImageInput] = (), videos: Iterable[
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
-def as_messages(prompt: str | Sequence[Message], images: Iterable[ImageInput], videos: Iterable[VideoInput]) -> list[Message]:
+def as_messages(
+    prompt: str | Sequence[Message], images: Iterable[ImageInput], videos: Iterable[VideoInput]
+) -> list[Message]:
     if isinstance(prompt, str):
         return [user_message(prompt, images, videos)]
     return list(prompt)
@@ -145,7 +148,10 @@ class InferenceClient:
     ) -> None:
         # The SDK insists on a key; a deployment without API_KEY ignores it.
         self.openai = openai.OpenAI(
-            base_url=api_base(base_url), api_key=api_key or "unused", max_retries=max_retries, timeout=timeout_s,
+            base_url=api_base(base_url),
+            api_key=api_key or "unused",
+            max_retries=max_retries,
+            timeout=timeout_s,
         )
         self._model = model
 
@@ -164,7 +170,9 @@ class InferenceClient:
     ) -> ChatCompletion:
         """One completion. `params` go to the API as they are (max_tokens, temperature, ...)."""
         return self.openai.chat.completions.create(
-            model=self.model, messages=as_messages(prompt, images, videos), **params,
+            model=self.model,
+            messages=as_messages(prompt, images, videos),
+            **params,
         )
 
     def stream_chat(
@@ -176,7 +184,10 @@ class InferenceClient:
     ) -> Iterator[str]:
         """The completion's text, piece by piece, as the server generates it."""
         stream = self.openai.chat.completions.create(
-            model=self.model, messages=as_messages(prompt, images, videos), stream=True, **params,
+            model=self.model,
+            messages=as_messages(prompt, images, videos),
+            stream=True,
+            **params,
         )
         with stream:
             for chunk in stream:
@@ -197,7 +208,10 @@ class AsyncInferenceClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.openai = openai.AsyncOpenAI(
-            base_url=api_base(base_url), api_key=api_key or "unused", max_retries=max_retries, timeout=timeout_s,
+            base_url=api_base(base_url),
+            api_key=api_key or "unused",
+            max_retries=max_retries,
+            timeout=timeout_s,
         )
         self._model = model
 
@@ -214,7 +228,9 @@ class AsyncInferenceClient:
         **params: Any,
     ) -> ChatCompletion:
         return await self.openai.chat.completions.create(
-            model=await self.model(), messages=as_messages(prompt, images, videos), **params,
+            model=await self.model(),
+            messages=as_messages(prompt, images, videos),
+            **params,
         )
 
     async def stream_chat(
@@ -225,7 +241,10 @@ class AsyncInferenceClient:
         **params: Any,
     ) -> AsyncIterator[str]:
         stream = await self.openai.chat.completions.create(
-            model=await self.model(), messages=as_messages(prompt, images, videos), stream=True, **params,
+            model=await self.model(),
+            messages=as_messages(prompt, images, videos),
+            stream=True,
+            **params,
         )
         async with stream:
             async for chunk in stream:
@@ -240,8 +259,11 @@ class AsyncInferenceClient:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a vllm-inference-api deployment.")
     parser.add_argument("prompt", help="the user message")
-    parser.add_argument("--base-url", default=os.environ.get("BASE_URL", "http://localhost:8000"),
-                        help="deployment URL (default: $BASE_URL or http://localhost:8000)")
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("BASE_URL", "http://localhost:8000"),
+        help="deployment URL (default: $BASE_URL or http://localhost:8000)",
+    )
     parser.add_argument("--api-key", default=os.environ.get("API_KEY"), help="bearer key (default: $API_KEY)")
     parser.add_argument("--model", help="model name (default: the one the deployment serves)")
     parser.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")

@@ -94,7 +94,7 @@ def media_server(bind: str, port: int, files: dict[str, tuple[bytes, str]]) -> I
     """Serve `files` (path -> body, content type) over HTTP; yields the port."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             body, content_type = files.get(self.path, (b"", ""))
             self.send_response(200 if content_type else 404)
             self.send_header("Content-Type", content_type or "text/plain")
@@ -102,7 +102,7 @@ def media_server(bind: str, port: int, files: dict[str, tuple[bytes, str]]) -> I
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
     server = ThreadingHTTPServer((bind, port), Handler)
@@ -151,8 +151,9 @@ def parse_sse(lines: Iterator[str]) -> tuple[list[dict[str, Any]], bool]:
 class ApiChecks:
     """The checks, in order; each returns a detail string or raises CheckFailed/Skipped."""
 
-    def __init__(self, base_url: str, api_key: str | None, model: str | None,
-                 media_host: str, media_port: int, timeout_s: float) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None, model: str | None, media_host: str, media_port: int, timeout_s: float
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.api_key = api_key
@@ -241,8 +242,10 @@ class ApiChecks:
             url = f"http://{_url_host(self.media_host)}:{port}/check.png"
             response = self._post_chat(self._media_message({"type": "image_url", "image_url": {"url": url}}))
         if response.status_code == 400 and "ALLOW_PRIVATE_MEDIA_URLS" in response.text:
-            raise Skipped("deployment refuses private media URLs (ALLOW_PRIVATE_MEDIA_URLS=false); "
-                          "use --media-host with a public address")
+            raise Skipped(
+                "deployment refuses private media URLs (ALLOW_PRIVATE_MEDIA_URLS=false); "
+                "use --media-host with a public address"
+            )
         return self._media_reply(response, f"PNG fetched from {url}")
 
     def image_base64(self) -> str:
@@ -265,15 +268,20 @@ class ApiChecks:
         require(problem is None, f"unknown model: {problem}")
         checked.append("404 unknown model")
 
-        broken = self.http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        broken = self.http.post(
+            "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
         require(broken.status_code == 400, f"malformed JSON answered {broken.status_code}, expected 400")
         problem = error_shape_problem(broken)
         require(problem is None, f"malformed JSON: {problem}")
         checked.append("400 malformed JSON")
 
         if self.api_key:
-            anonymous = httpx.post(f"{self.http.base_url}/v1/chat/completions", timeout=30,
-                                   json=self._request([{"role": "user", "content": "hi"}]))
+            anonymous = httpx.post(
+                f"{self.http.base_url}/v1/chat/completions",
+                timeout=30,
+                json=self._request([{"role": "user", "content": "hi"}]),
+            )
             require(anonymous.status_code == 401, f"no API key answered {anonymous.status_code}, expected 401")
             problem = error_shape_problem(anonymous)
             require(problem is None, f"no API key: {problem}")
@@ -300,11 +308,18 @@ class ApiChecks:
         if modality not in self.info["modalities"]:
             raise Skipped(f"model has no {modality} input (modalities: {', '.join(self.info['modalities'])})")
 
-    def _request(self, messages: list[dict[str, Any]], model: str | None = None, stream: bool = False) -> dict[str, Any]:
+    def _request(
+        self, messages: list[dict[str, Any]], model: str | None = None, stream: bool = False
+    ) -> dict[str, Any]:
         if self.model is None and model is None:
             raise CheckFailed("no model name: /info and /v1/models failed; pass --model")
-        return {"model": model or self.model, "messages": messages, "max_tokens": 16, "temperature": 0,
-                "stream": stream}
+        return {
+            "model": model or self.model,
+            "messages": messages,
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream": stream,
+        }
 
     def _post_chat(self, messages: list[dict[str, Any]], model: str | None = None) -> httpx.Response:
         return self.http.post("/v1/chat/completions", json=self._request(messages, model))
@@ -322,7 +337,9 @@ class ApiChecks:
     def _media_reply(response: httpx.Response, what: str) -> str:
         require(response.status_code == 200, f"{what}: answered {response.status_code}: {response.text[:200]}")
         body = response.json()
-        require(body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0, "usage reports no tokens")
+        require(
+            body["usage"]["prompt_tokens"] > 0 and body["usage"]["completion_tokens"] > 0, "usage reports no tokens"
+        )
         return f"{what}, {body['usage']['prompt_tokens']} prompt tokens"
 
 
@@ -367,11 +384,16 @@ def table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check a running vllm-inference-api deployment.")
     parser.add_argument("base_url", help="e.g. http://localhost:8000")
-    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'; also checks that requests without it get 401")
+    parser.add_argument(
+        "--api-key", help="sent as 'Authorization: Bearer KEY'; also checks that requests without it get 401"
+    )
     parser.add_argument("--model", help="model name to send (default: served_model_name from /info)")
     parser.add_argument("--json", dest="json_path", help="also write the results to this JSON file")
-    parser.add_argument("--media-host", default="127.0.0.1",
-                        help="address of this machine the deployment can reach, for the image-by-URL check")
+    parser.add_argument(
+        "--media-host",
+        default="127.0.0.1",
+        help="address of this machine the deployment can reach, for the image-by-URL check",
+    )
     parser.add_argument("--media-port", type=int, default=0, help="port of the local media server (default: any free)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     args = parser.parse_args(argv)

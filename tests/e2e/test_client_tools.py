@@ -32,8 +32,20 @@ MEDIA_PORT = 8761
 def run_test_api(base_url: str, tmp_path: Path, *args: str) -> tuple[int, str, dict[str, dict[str, Any]]]:
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "test_api.py"), base_url, "--json", str(report), "--media-port", str(MEDIA_PORT), *args],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "test_api.py"),
+            base_url,
+            "--json",
+            str(report),
+            "--media-port",
+            str(MEDIA_PORT),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     rows = {row["check"]: row for row in json.loads(report.read_text())["results"]}
     return result.returncode, result.stdout + result.stderr, rows
@@ -50,8 +62,16 @@ def test_test_api_passes_on_text_stack_and_skips_media_with_reason(text_stack: S
     code, output, rows = run_test_api(text_stack.base_url, tmp_path)
     assert code == 0, output
     assert statuses(rows) == {
-        "health": "pass", "info": "pass", "models": "pass", "text": "pass", "streaming": "pass",
-        "image by URL": "skip", "image as base64": "skip", "video": "skip", "error shapes": "pass", "metrics": "pass",
+        "health": "pass",
+        "info": "pass",
+        "models": "pass",
+        "text": "pass",
+        "streaming": "pass",
+        "image by URL": "skip",
+        "image as base64": "skip",
+        "video": "skip",
+        "error shapes": "pass",
+        "metrics": "pass",
     }
     assert rows["video"]["detail"] == "model has no video input (modalities: text)"
     assert "CHECK" in output and "7 passed, 0 failed, 3 skipped" in output
@@ -67,8 +87,13 @@ def test_test_api_passes_every_check_on_vision_stack(vlm_stack: Stack, tmp_path:
 def test_test_api_reports_private_media_refusal_as_skip(
     vlm_stack: Stack, wrapper: Callable[..., Stack], tmp_path: Path
 ) -> None:
-    guarded = wrapper(vlm_stack.engine_url, SERVED_MODEL_NAME=VLM_MODEL, ALLOW_PRIVATE_MEDIA_URLS="false",
-                      IMAGE_LIMIT="2", VIDEO_LIMIT="1")
+    guarded = wrapper(
+        vlm_stack.engine_url,
+        SERVED_MODEL_NAME=VLM_MODEL,
+        ALLOW_PRIVATE_MEDIA_URLS="false",
+        IMAGE_LIMIT="2",
+        VIDEO_LIMIT="1",
+    )
     code, output, rows = run_test_api(guarded.base_url, tmp_path)
     assert code == 0, output
     assert rows["image by URL"]["status"] == "skip"
@@ -79,8 +104,14 @@ def test_test_api_reports_private_media_refusal_as_skip(
 def test_test_api_with_api_key_checks_401_and_fails_without_key(
     vlm_stack: Stack, wrapper: Callable[..., Stack], tmp_path: Path
 ) -> None:
-    protected = wrapper(vlm_stack.engine_url, SERVED_MODEL_NAME=VLM_MODEL, ALLOW_PRIVATE_MEDIA_URLS="true",
-                        IMAGE_LIMIT="2", VIDEO_LIMIT="1", API_KEY="k-test-api")
+    protected = wrapper(
+        vlm_stack.engine_url,
+        SERVED_MODEL_NAME=VLM_MODEL,
+        ALLOW_PRIVATE_MEDIA_URLS="true",
+        IMAGE_LIMIT="2",
+        VIDEO_LIMIT="1",
+        API_KEY="k-test-api",
+    )
     code, output, rows = run_test_api(protected.base_url, tmp_path, "--api-key", "k-test-api")
     assert code == 0, output
     assert set(statuses(rows).values()) == {"pass"}, output
@@ -108,20 +139,29 @@ class BrokenApi(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         answers: dict[str, tuple[int, object, str]] = {
             "/ping": (200, {"status": "healthy"}, "application/json"),
             "/health": (200, {"phase": "ready"}, "application/json"),
-            "/info": (200, {"model": "m", "served_model_name": "m", "max_model_len": 64, "modalities": ["text"]},
-                      "application/json"),
+            "/info": (
+                200,
+                {"model": "m", "served_model_name": "m", "max_model_len": 64, "modalities": ["text"]},
+                "application/json",
+            ),
             "/v1/models": (200, {"data": [{"id": "m"}]}, "application/json"),
-            "/metrics": (200, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"
-                              "# TYPE vllm_api_requests counter\nvllm_api_requests_total 1\n", "text/plain; version=0.0.4"),
+            "/metrics": (
+                200,
+                (
+                    "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0\n"
+                    "# TYPE vllm_api_requests counter\nvllm_api_requests_total 1\n"
+                ),
+                "text/plain; version=0.0.4",
+            ),
         }
         status, body, content_type = answers.get(self.path, (404, {"detail": "Not Found"}, "application/json"))
         self._json(status, body, content_type)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers["Content-Length"]))
         try:
             request = json.loads(raw)
@@ -134,10 +174,15 @@ class BrokenApi(BaseHTTPRequestHandler):
             chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "length"}]}
             self._json(200, f"data: {json.dumps(chunk)}\n\n", "text/event-stream")
         else:
-            self._json(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}],
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+            self._json(
+                200,
+                {
+                    "choices": [{"message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+                },
+            )
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         return
 
 
@@ -154,8 +199,16 @@ def test_test_api_fails_on_broken_error_shape_and_unterminated_stream(broken_api
     code, output, rows = run_test_api(broken_api, tmp_path)
     assert code == 1
     assert statuses(rows) == {
-        "health": "pass", "info": "pass", "models": "pass", "text": "pass", "streaming": "fail",
-        "image by URL": "skip", "image as base64": "skip", "video": "skip", "error shapes": "fail", "metrics": "pass",
+        "health": "pass",
+        "info": "pass",
+        "models": "pass",
+        "text": "pass",
+        "streaming": "fail",
+        "image by URL": "skip",
+        "image as base64": "skip",
+        "video": "skip",
+        "error shapes": "fail",
+        "metrics": "pass",
     }
     assert rows["streaming"]["detail"] == "the stream did not end with 'data: [DONE]'"
     assert rows["error shapes"]["detail"].startswith("unknown model: no 'error' object")
@@ -189,9 +242,22 @@ def test_client_demo_cli_with_image(vlm_stack: Stack, tmp_path: Path) -> None:
     Image.new("RGB", (32, 32), (10, 200, 10)).save(path)
     for extra in ([], ["--stream", "--async"]):
         result = subprocess.run(
-            [sys.executable, str(ROOT / "client_example.py"), "--base-url", vlm_stack.base_url,
-             "--max-tokens", "4", "--image", str(path), *extra, "What is this?"],
-            capture_output=True, text=True, timeout=120,
+            [
+                sys.executable,
+                str(ROOT / "client_example.py"),
+                "--base-url",
+                vlm_stack.base_url,
+                "--max-tokens",
+                "4",
+                "--image",
+                str(path),
+                *extra,
+                "What is this?",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip()

@@ -46,8 +46,9 @@ class Docker:
     env: dict[str, str]
 
     def run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([self.cli, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        return subprocess.run(
+            [self.cli, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=check
+        )
 
 
 def _buildkit_client() -> str | None:
@@ -55,7 +56,10 @@ def _buildkit_client() -> str | None:
     override = os.environ.get("DOCKER")
     if override:
         return override
-    if shutil.which("docker") and subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "buildx", "version"], capture_output=True, check=False).returncode == 0
+    ):
         return "docker"
     if Path("/usr/bin/docker").exists():
         return "/usr/bin/docker"
@@ -65,7 +69,10 @@ def _buildkit_client() -> str | None:
 def _missing_prerequisite() -> str | None:
     if _buildkit_client() is None:
         return "no Docker client with BuildKit: apt-get install docker.io (tools/setup_system.sh)"
-    if shutil.which("dockerd") is None and subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+    if (
+        shutil.which("dockerd") is None
+        and subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0
+    ):
         return "no Docker daemon and no dockerd to start: apt-get install docker.io"
     if os.geteuid() != 0:
         return "building the local CPU base image needs root (debootstrap, chroot)"
@@ -95,8 +102,9 @@ def docker() -> Iterator[Docker]:
 @pytest.fixture(scope="module")
 def image(docker: Docker) -> str:
     subprocess.run([str(ROOT / "tools/docker/build_cpu_base.sh"), BASE_IMAGE], env=docker.env, check=True, timeout=900)
-    build = docker.run("build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--tag", IMAGE, str(ROOT),
-                       timeout=900, check=False)
+    build = docker.run(
+        "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--tag", IMAGE, str(ROOT), timeout=900, check=False
+    )
     assert build.returncode == 0, f"docker build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
     return IMAGE
 
@@ -107,18 +115,34 @@ def container(docker: Docker, image: str) -> Iterator[str]:
     docker.run("rm", "--force", CONTAINER, check=False)
     models = model_dir("tiny-llama").parent
     docker.run(
-        "run", "--detach", "--name", CONTAINER,
-        "--shm-size", "1g", "--cap-add", "SYS_NICE",
-        "--publish", f"127.0.0.1:{HOST_PORT}:8000",
-        "--volume", f"{models}:/models:ro",
-        "--env", "MODEL_NAME=/models/tiny-llama",
-        "--env", f"SERVED_MODEL_NAME={SERVED_NAME}",
-        "--env", "DEVICE=cpu",
-        "--env", "ENFORCE_EAGER=true",
-        "--env", "VLLM_CPU_KVCACHE_SPACE=1",
-        "--env", "MAX_MODEL_LEN=512",
-        "--env", f"DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}",
-        "--env", "HF_HUB_OFFLINE=1",
+        "run",
+        "--detach",
+        "--name",
+        CONTAINER,
+        "--shm-size",
+        "1g",
+        "--cap-add",
+        "SYS_NICE",
+        "--publish",
+        f"127.0.0.1:{HOST_PORT}:8000",
+        "--volume",
+        f"{models}:/models:ro",
+        "--env",
+        "MODEL_NAME=/models/tiny-llama",
+        "--env",
+        f"SERVED_MODEL_NAME={SERVED_NAME}",
+        "--env",
+        "DEVICE=cpu",
+        "--env",
+        "ENFORCE_EAGER=true",
+        "--env",
+        "VLLM_CPU_KVCACHE_SPACE=1",
+        "--env",
+        "MAX_MODEL_LEN=512",
+        "--env",
+        f"DRAIN_TIMEOUT_S={DRAIN_TIMEOUT_S}",
+        "--env",
+        "HF_HUB_OFFLINE=1",
         image,
     )
     yield CONTAINER
@@ -178,8 +202,11 @@ def test_container_turns_healthy_and_serves_chat(docker: Docker, container: str)
 def test_sigterm_drains_inflight_stream_and_exits_zero(docker: Docker, container: str) -> None:
     _wait_healthy(docker, container)
     request = {
-        "model": SERVED_NAME, "messages": [{"role": "user", "content": "Count"}], "max_tokens": 400,
-        "stream": True, "ignore_eos": True,
+        "model": SERVED_NAME,
+        "messages": [{"role": "user", "content": "Count"}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
     }
     with httpx.stream("POST", f"http://127.0.0.1:{HOST_PORT}/v1/chat/completions", json=request, timeout=120) as stream:
         lines = stream.iter_lines()

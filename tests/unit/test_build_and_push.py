@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "build_and_push.sh"
-VLLM_VERSION = re.search(r"^ARG BASE_IMAGE=vllm/vllm-openai:v(\S+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+VLLM_VERSION = re.search(
+    r"^ARG BASE_IMAGE=vllm/vllm-openai:v(\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE
+).group(1)
 
 
 def fake_docker(bin_dir: Path, calls: Path, daemon_up: bool = True) -> None:
@@ -36,7 +38,9 @@ def fake_docker(bin_dir: Path, calls: Path, daemon_up: bool = True) -> None:
 
 def run(args: list[str], path: str, docker_config: Path) -> subprocess.CompletedProcess[str]:
     env = {"PATH": path, "HOME": str(docker_config.parent), "DOCKER_CONFIG": str(docker_config)}
-    return subprocess.run(["/bin/bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=30)
+    return subprocess.run(
+        ["/bin/bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=30, check=False
+    )
 
 
 @pytest.fixture

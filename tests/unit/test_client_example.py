@@ -26,7 +26,10 @@ from tests.media_server import sample_mp4
 
 PORT = 8741
 COMPLETION = {
-    "id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+    "id": "c1",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "m",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
 }
@@ -47,7 +50,7 @@ def stub() -> Iterator[Script]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             script.requests.append(body)
             answer = script.answers.pop(0) if script.answers else 200
@@ -55,8 +58,11 @@ def stub() -> Iterator[Script]:
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            payload = json.dumps(COMPLETION if answer == 200 else
-                                 {"error": {"message": "busy", "type": "x", "param": None, "code": answer}}).encode()
+            payload = json.dumps(
+                COMPLETION
+                if answer == 200
+                else {"error": {"message": "busy", "type": "x", "param": None, "code": answer}}
+            ).encode()
             self.send_response(int(answer))
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
@@ -65,7 +71,7 @@ def stub() -> Iterator[Script]:
             self.end_headers()
             self.wfile.write(payload)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             return
 
     server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
@@ -89,7 +95,7 @@ def png_bytes() -> bytes:
 def decoded(url: str) -> tuple[str, bytes]:
     header, data = url.split(",", 1)
     assert header.endswith(";base64")
-    return header[len("data:"):-len(";base64")], base64.b64decode(data)
+    return header[len("data:") : -len(";base64")], base64.b64decode(data)
 
 
 # --- media --------------------------------------------------------------------------
@@ -109,8 +115,14 @@ def test_image_from_path_bytes_and_pil_become_data_urls_with_their_mime(tmp_path
 
 
 def test_image_and_video_urls_pass_through() -> None:
-    assert ce.image_part("https://example.com/a.jpg") == {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}
-    assert ce.video_part("http://example.com/v.mp4") == {"type": "video_url", "video_url": {"url": "http://example.com/v.mp4"}}
+    assert ce.image_part("https://example.com/a.jpg") == {
+        "type": "image_url",
+        "image_url": {"url": "https://example.com/a.jpg"},
+    }
+    assert ce.video_part("http://example.com/v.mp4") == {
+        "type": "video_url",
+        "video_url": {"url": "http://example.com/v.mp4"},
+    }
 
 
 def test_unknown_image_bytes_are_refused_with_the_accepted_formats() -> None:

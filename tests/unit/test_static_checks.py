@@ -60,7 +60,7 @@ def compose_binary() -> str:
 
 
 def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env, check=False)
 
 
 # --- Dockerfile ------------------------------------------------------------------
@@ -81,17 +81,17 @@ def test_dockerfile_passes_hadolint() -> None:
 
 def test_dockerfile_pins_the_engine_and_keeps_secrets_out_of_layers() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^ARG BASE_IMAGE=vllm/vllm-openai:v\d+\.\d+\.\d+$", text, re.M)
-    assert re.search(r'^ENTRYPOINT \["tini", "--", "/app/scripts/start\.sh"\]$', text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=vllm/vllm-openai:v\d+\.\d+\.\d+$", text, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "/app/scripts/start\.sh"\]$', text, re.MULTILINE)
     # The Hugging Face token may only reach the build as a BuildKit secret.
     assert "--mount=type=secret,id=hf_token" in text
-    assert not re.search(r"^(ARG|ENV)\s+HF_TOKEN", text, re.M)
+    assert not re.search(r"^(ARG|ENV)\s+HF_TOKEN", text, re.MULTILINE)
 
 
 def test_dockerignore_keeps_env_file_and_venv_out_of_the_context() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     # Everything is excluded first, then only what the image needs comes back.
-    assert lines[lines.index("*") + 1:].count("!app/") == 1
+    assert lines[lines.index("*") + 1 :].count("!app/") == 1
     assert not any(line.startswith("!") and (".env" in line or ".venv" in line) for line in lines)
 
 
@@ -105,9 +105,11 @@ def shell_scripts() -> list[str]:
         path = ROOT / name
         if not path.is_file():
             continue
-        if name.endswith(".sh"):
-            scripts.append(name)
-        elif path.stat().st_size < 1_000_000 and path.read_bytes()[:64].startswith((b"#!/bin/bash", b"#!/usr/bin/env bash", b"#!/bin/sh")):
+        if (
+            name.endswith(".sh")
+            or path.stat().st_size < 1_000_000
+            and path.read_bytes()[:64].startswith((b"#!/bin/bash", b"#!/usr/bin/env bash", b"#!/bin/sh"))
+        ):
             scripts.append(name)
     return sorted(scripts)
 
@@ -152,7 +154,9 @@ def compose_config(directory: Path, files: list[str], profiles: list[str]) -> di
 
 
 def test_compose_config_rejects_a_broken_file(compose_dir: Path) -> None:
-    (compose_dir / "docker-compose.yml").write_text("services:\n  api:\n    image: x\n    healthcheck:\n      intervall: 10s\n")
+    (compose_dir / "docker-compose.yml").write_text(
+        "services:\n  api:\n    image: x\n    healthcheck:\n      intervall: 10s\n"
+    )
     result = run(compose_binary(), "config", cwd=compose_dir, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode != 0
 
@@ -236,27 +240,42 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
         "apiVersion": {"const": "monitoring.coreos.com/v1"},
         "kind": {"const": "ServiceMonitor"},
         "metadata": {
-            "type": "object", "required": ["name"],
-            "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
-                           "labels": {"type": "object", "additionalProperties": {"type": "string"}}},
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string"},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
             "additionalProperties": False,
         },
         "spec": {
-            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
             "properties": {
-                "selector": {"type": "object", "additionalProperties": False, "properties": {
-                    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+                },
                 "namespaceSelector": {"type": "object"},
-                "endpoints": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["port"], "additionalProperties": False,
-                    "properties": {
-                        "port": {"type": "string"},
-                        "path": {"type": "string", "pattern": "^/"},
-                        "scheme": {"enum": ["http", "https"]},
-                        "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
-                        "scrapeTimeout": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["port"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                            "scrapeTimeout": {"type": "string", "pattern": r"^(\d+(ms|s|m|h))+$"},
+                        },
                     },
-                }},
+                },
             },
         },
     },
@@ -308,7 +327,10 @@ def test_kubernetes_references_resolve(directory: str) -> None:
     named = {(r["kind"], r["metadata"]["name"]) for r in resources}
     deployments = [r for r in resources if r["kind"] == "Deployment"]
     for deployment in deployments:
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            deployment["spec"]["selector"]["matchLabels"].items()
+            <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
         for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
             if "persistentVolumeClaim" in volume:
                 assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in named
@@ -317,18 +339,28 @@ def test_kubernetes_references_resolve(directory: str) -> None:
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["httpGet"]["port"] in port_names
         refs = [s["configMapRef"]["name"] for s in container.get("envFrom", []) if "configMapRef" in s]
-        refs += [e["valueFrom"]["configMapKeyRef"]["name"] for e in container.get("env", [])
-                 if "configMapKeyRef" in e.get("valueFrom", {})]
+        refs += [
+            e["valueFrom"]["configMapKeyRef"]["name"]
+            for e in container.get("env", [])
+            if "configMapKeyRef" in e.get("valueFrom", {})
+        ]
         assert all(("ConfigMap", ref) in named for ref in refs)
     for service in (r for r in resources if r["kind"] == "Service"):
-        backends = [(d, c) for d, c in containers(resources)
-                    if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        backends = [
+            (d, c)
+            for d, c in containers(resources)
+            if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
         assert len(backends) == 1, f"service {service['metadata']['name']} selects {len(backends)} deployments"
         port_names = {p["name"] for p in backends[0][1]["ports"]}
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
     for monitor in (r for r in resources if r["kind"] == "ServiceMonitor"):
-        services = [s for s in resources if s["kind"] == "Service"
-                    and monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        services = [
+            s
+            for s in resources
+            if s["kind"] == "Service"
+            and monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        ]
         assert services, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
         for service in services:
             assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
@@ -370,7 +402,10 @@ def test_runpod_templates_set_only_real_settings(name: str) -> None:
     assert set(template["env"]) <= SETTINGS, set(template["env"]) - SETTINGS
     port = template["env"]["PORT"]
     assert f"{port}/http" in template["ports"]
-    assert template["env"].get("PORT_HEALTH", port) == port or f"{template['env']['PORT_HEALTH']}/http" in template["ports"]
+    assert (
+        template["env"].get("PORT_HEALTH", port) == port
+        or f"{template['env']['PORT_HEALTH']}/http" in template["ports"]
+    )
     assert not template["env"].get("HF_TOKEN") and not template["env"].get("API_KEY"), "no secrets in templates"
 
 
