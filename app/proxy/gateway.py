@@ -84,7 +84,9 @@ class Gateway:
         return Path(self.settings.MODEL_NAME) if self.settings.is_local_model else None
 
     def modalities(self) -> frozenset[str]:
-        return self.media_policy.modalities
+        """What clients may send: the model's modalities less those turned off (limit 0)."""
+        policy = self.media_policy
+        return frozenset(kind for kind in policy.modalities if kind == "text" or policy.accepts(kind))
 
     @property
     def media_policy(self) -> MediaPolicy:

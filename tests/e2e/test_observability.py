@@ -5,6 +5,11 @@ official `openai` client (or raw HTTP where the bytes on the wire matter).
 Counting tests use a fresh wrapper-only instance (`wrapper`) in front of the
 shared engine, so its counters start at zero and must equal exactly what the
 test sent; token counts must equal the usage the engine reported.
+
+One test puts a small TCP relay between the wrapper and the real engine that
+delivers the end of each streamed response late: it turns a timing that only
+shows on a busy machine (client hangs up after `[DONE]` before the engine's
+response has ended) into one that happens every time.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import __version__ as WRAPPER_VERSION
+from app.observability.logging import REDACTED
 from tests.e2e.conftest import TEXT_MODEL, VLM_MODEL
 from tests.e2e.test_serving import png_data_url
 from tests.promql_names import load_dashboard_exprs, missing_names
@@ -120,7 +126,8 @@ def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
 
 
 def stream_chat(stack: Stack, body: dict[str, Any], headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, headers=headers, timeout=120) as response:
+    url = f"{stack.base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
         assert response.status_code == 200, response.read()
         return sse_events(response)
 
@@ -284,7 +291,7 @@ def test_image_counts_reach_the_log_line_and_metrics(vlm_stack: Stack) -> None:
     assert (after[image] - before[image], after[video] - before[video]) == (2, 0)
 
 
-def test_every_line_the_stack_writes_is_json(text_stack: Stack, wrapper: StartWrapper) -> None:
+def test_every_line_the_stack_writes_is_json(text_stack: Stack, vlm_stack: Stack, wrapper: StartWrapper) -> None:
     gateway = fresh_wrapper(text_stack, wrapper)
     api = client(gateway)
     api.chat.completions.create(model=TEXT_MODEL, messages=PROMPT, **fixed_length(3))
@@ -296,15 +303,18 @@ def test_every_line_the_stack_writes_is_json(text_stack: Stack, wrapper: StartWr
     # Shutdown writes lines too; stop the wrapper so they are in its log.
     assert gateway.stop(signal.SIGTERM) == 0
 
-    for stack in (gateway, text_stack):
+    for stack in (gateway, text_stack, vlm_stack):
         assert non_json_lines(stack.raw_log()) == [], f"non-JSON lines in {stack.log_path.name}"
-    assert any(line.get("logger") == "engine" for line in text_stack.logs()), "the engine's output is missing"
+    for stack in (text_stack, vlm_stack):
+        assert any(line.get("logger") == "engine" for line in stack.logs()), "the engine's output is missing"
 
 
 # --- Usage accounting on streams ---------------------------------------------------
 
 
-def test_stream_without_include_usage_gets_no_usage_chunk_but_is_counted(text_stack: Stack, wrapper: StartWrapper) -> None:
+def test_stream_without_include_usage_gets_no_usage_chunk_but_is_counted(
+    text_stack: Stack, wrapper: StartWrapper
+) -> None:
     gateway = fresh_wrapper(text_stack, wrapper)
 
     without_options = stream_chat(gateway, raw_chat_body(6, stream=True), {"X-Request-ID": "usage-not-asked"})
@@ -399,7 +409,8 @@ def test_stream_is_complete_when_the_client_hangs_up_right_after_done(
         assert chunks[-1].choices[0].finish_reason == "length"
 
     lines = [log_line(gateway, f"sdk-stream-{index}") for index in range(3)]
-    assert [(line["status"], line["completion_tokens"], line.get("error")) for line in lines] == [(200, 4, None)] * 3, lines
+    outcomes = [(line["status"], line["completion_tokens"], line.get("error")) for line in lines]
+    assert outcomes == [(200, 4, None)] * 3, lines
     text = scrape(gateway)
     assert counted(samples(text, "vllm_api_completion_tokens_total")) == {(("model", TEXT_MODEL),): 12}
     assert counted(samples(text, "vllm_api_errors_total")) == {}
@@ -466,7 +477,8 @@ def test_secrets_never_appear_in_info_health_or_logs(text_stack: Stack, wrapper:
     health_response = httpx.get(f"{gateway.base_url}/health", timeout=10)
     assert httpx.get(f"{gateway.base_url}/info", timeout=10).status_code == 401
     for key in API_KEYS:
-        reply = client(gateway, api_key=key).chat.completions.create(model=TEXT_MODEL, messages=PROMPT, **fixed_length(2))
+        api = client(gateway, api_key=key)
+        reply = api.chat.completions.create(model=TEXT_MODEL, messages=PROMPT, **fixed_length(2))
         assert reply.usage.completion_tokens == 2
     with pytest.raises(openai.AuthenticationError):
         client(gateway, api_key="sk-wrong").chat.completions.create(model=TEXT_MODEL, messages=PROMPT, max_tokens=2)
@@ -482,5 +494,7 @@ def test_secrets_never_appear_in_info_health_or_logs(text_stack: Stack, wrapper:
     for name, text in (("/info", info_response.text), ("/health", health_response.text), ("log", gateway.raw_log())):
         for secret in (HF_TOKEN, *API_KEYS):
             assert secret not in text, f"{secret} appears in {name}"
+    # Secrets never even reach a logger (the redaction filter is only the second line of defence).
+    assert REDACTED not in gateway.raw_log()
     # The log searched above is the real one: it has every request.
     assert len([line for line in gateway.request_lines() if line["path"].startswith("/v1/")]) == 4
