@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     )
     ALLOWED_MEDIA_DOMAINS: str = Field("", description="Comma-separated hosts media URLs may use (empty: any public host).")
     ALLOW_PRIVATE_MEDIA_URLS: bool = Field(
-        False, description="Allow media URLs on loopback, private and link-local addresses."
+        False, description="Allow media URLs on loopback, private and link-local addresses (cloud metadata addresses stay refused)."
     )
     MEDIA_FETCH_TIMEOUT_S: float = Field(10.0, gt=0, description="Longest time to fetch one media URL.")
 
