@@ -74,17 +74,21 @@ class Stack:
             return []
 
     def wait_ready(self, timeout_s: float = ENGINE_READY_TIMEOUT_S) -> None:
+        """Wait for /health 200; a failed start raises at once with the stack's last log lines."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"stack exited with {self.process.returncode}:\n{self.raw_log()[-4000:]}")
             try:
-                status = httpx.get(f"{self.base_url}/health", timeout=2).status_code
-            except httpx.HTTPError:
-                status = 0
+                response = httpx.get(f"{self.base_url}/health", timeout=2)
+                status, phase = response.status_code, response.json().get("phase")
+            except (httpx.HTTPError, ValueError):
+                status, phase = 0, None
             self.health_history.append(status)
             if status == 200:
                 return
+            if phase == "failed":
+                raise RuntimeError(f"stack failed to start: {response.json().get('error')}\n{self.raw_log()[-4000:]}")
             time.sleep(0.5)
         raise TimeoutError(f"stack not ready after {timeout_s}s:\n{self.raw_log()[-4000:]}")
 

@@ -180,8 +180,8 @@ class Supervisor:
                 log.error("engine died", extra={"exit": describe_exit(code), "last_lines": list(self.engine.tail)[-ERROR_TAIL_LINES:]})
                 if self.settings.ON_ENGINE_FAILURE == "restart":
                     self.board.status.engine_restarts += 1
-                    self.board.enter(Phase.FAILED, message)
                     log.warning("restarting engine (ON_ENGINE_FAILURE=restart)")
+                    self.board.enter(Phase.LOADING, message + " Restarting it (ON_ENGINE_FAILURE=restart).")
                     continue
                 self.board.enter(Phase.FAILED, message + " Exiting (ON_ENGINE_FAILURE=exit).")
                 return 1

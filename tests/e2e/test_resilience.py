@@ -1,6 +1,9 @@
 """Overload, disconnects, engine death and shutdown each end in a bounded, well-formed answer.
 
 All traffic stays on 127.0.0.1 and every loop is bounded in count and time.
+Where a test needs requests to wait (in the wrapper's queue, or for the first
+token), it fills every sequence slot of the engine with one direct request
+(`n` = the engine's MAX_NUM_SEQS) instead of relying on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,8 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.conftest import TEXT_MODEL
 from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_stack
 
-# Generating this many tokens takes seconds on the tiny model, even on an idle machine.
-HOLDING_TOKENS = 1500
+CHAT_PATH = "/v1/chat/completions"
+# The longest generation MAX_MODEL_LEN=2048 allows after the prompt: seconds of work on the tiny model.
+LONG_TOKENS = 2000
+# MAX_NUM_SEQS of `text_stack` (tests/e2e/conftest.py).
+TEXT_ENGINE_MAX_NUM_SEQS = 64
+WAIT_S = 30.0
 
 
 def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[str, object]:
@@ -39,38 +47,82 @@ def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[
     return body
 
 
-def wrapper_sample(base_url: str, name: str) -> float:
-    """One unlabelled sample of the wrapper's /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+def metric_value(text: str, name: str) -> float:
+    """One unlabelled sample of a Prometheus text exposition."""
     samples = (sample for family in text_string_to_metric_families(text) for sample in family.samples)
     return next(sample.value for sample in samples if sample.name == name)
 
 
-def read_sse(response: httpx.Response) -> list[str]:
-    return [line for line in response.iter_lines() if line]
+async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -> None:
+    """Poll the wrapper's /metrics until `name` equals `value` (at most WAIT_S)."""
+    deadline = time.monotonic() + WAIT_S
+    while metric_value((await client.get("/metrics")).text, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        await asyncio.sleep(0.05)
+
+
+class EngineSaturation:
+    """One direct engine request with one sequence per engine slot: later requests wait for a slot."""
+
+    def __init__(self, engine_url: str, slots: int) -> None:
+        self.engine_url = engine_url
+        self.slots = slots
+        self._client = httpx.AsyncClient(base_url=engine_url, timeout=120)
+        self._response: httpx.Response | None = None
+
+    async def start(self) -> None:
+        body = chat_body(LONG_TOKENS, stream=True) | {"n": self.slots}
+        request = self._client.build_request("POST", CHAT_PATH, json=body)
+        self._response = response = await self._client.send(request, stream=True)
+        assert response.status_code == 200
+        await anext(response.aiter_raw())  # the first step ran: every sequence holds a slot
+        running = await asyncio.to_thread(engine_gauge, self.engine_url, "vllm:num_requests_running")
+        assert running == self.slots, f"the engine runs {running} sequences: is its MAX_NUM_SEQS still {self.slots}?"
+
+    async def release(self) -> None:
+        """Disconnect, which makes the engine abort every sequence and free the slots."""
+        if self._response is not None:
+            await self._response.aclose()
+        if not self._client.is_closed:
+            await self._client.aclose()
+
+
+@asynccontextmanager
+async def saturated_engine(engine_url: str, slots: int = TEXT_ENGINE_MAX_NUM_SEQS) -> AsyncIterator[EngineSaturation]:
+    saturation = EngineSaturation(engine_url, slots)
+    try:
+        await saturation.start()
+        yield saturation
+    finally:
+        await saturation.release()
 
 
 # --- Backpressure ------------------------------------------------------------------
 
 
 async def test_queued_requests_are_served_in_arrival_order(text_stack: Stack, wrapper) -> None:
-    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT_S="60")
+    gateway = wrapper(
+        text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT_S="60"
+    )
     finished: list[int] = []
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
 
-        async def request(index: int, max_tokens: int) -> None:
-            response = await client.post("/v1/chat/completions", json=chat_body(max_tokens, stream=False))
+        async def request(index: int) -> None:
+            response = await client.post(CHAT_PATH, json=chat_body(8, stream=False))
             assert response.status_code == 200
             finished.append(index)
 
-        # The first request holds the only slot for seconds, so the next five queue up.
-        tasks = [asyncio.ensure_future(request(0, HOLDING_TOKENS))]
-        for index in range(1, 6):
-            await asyncio.sleep(0.15)  # distinct arrival times
-            tasks.append(asyncio.ensure_future(request(index, 40)))
+        # While the engine has no free slot, request 0 holds the wrapper's only slot and
+        # each later request joins the queue; the gauges confirm every arrival in turn.
+        async with saturated_engine(text_stack.engine_url):
+            tasks = [asyncio.ensure_future(request(0))]
+            await wait_for_metric(client, "vllm_api_requests_in_flight", 1)
+            for index in range(1, 6):
+                tasks.append(asyncio.ensure_future(request(index)))
+                await wait_for_metric(client, "vllm_api_queue_depth", index)
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
-    assert finished == list(range(6))
-    assert wrapper_sample(gateway.base_url, "vllm_api_queue_wait_seconds_count") == 5
+        assert finished == list(range(6))
+        assert metric_value((await client.get("/metrics")).text, "vllm_api_queue_wait_seconds_count") == 5
 
 
 async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wrapper) -> None:
@@ -78,12 +130,11 @@ async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wra
         text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL,
         MAX_CONCURRENT_REQUESTS="1", MAX_QUEUE="2", QUEUE_TIMEOUT_S="0.5",
     )
-    # Each admitted request holds the slot for far longer than QUEUE_TIMEOUT_S.
-    body = chat_body(HOLDING_TOKENS, stream=False)
+    # The admitted request holds the slot for seconds, far longer than QUEUE_TIMEOUT_S.
+    body = chat_body(LONG_TOKENS, stream=False)
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
-        responses = await asyncio.wait_for(
-            asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(8))), 120,
-        )
+        responses = await asyncio.wait_for(asyncio.gather(*(client.post(CHAT_PATH, json=body) for _ in range(8))), 120)
+        metrics = (await client.get("/metrics")).text
     statuses = Counter(response.status_code for response in responses)
     assert statuses[200] >= 1 and statuses[429] >= 1 and statuses[503] >= 1, statuses
     assert set(statuses) <= {200, 429, 503}
@@ -92,8 +143,9 @@ async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wra
             assert int(response.headers["retry-after"]) >= 1
             expected = "queue_full" if response.status_code == 429 else "queue_timeout"
             assert response.json()["error"]["code"] == expected
-    assert wrapper_sample(gateway.base_url, "vllm_api_queue_depth") == 0
-    assert wrapper_sample(gateway.base_url, "vllm_api_queue_wait_seconds_count") == statuses[503] + statuses[200] - 1
+    assert metric_value(metrics, "vllm_api_queue_depth") == 0
+    # Everything that did not get the free slot at once went through the queue.
+    assert metric_value(metrics, "vllm_api_queue_wait_seconds_count") == statuses[503] + statuses[200] - 1
 
 
 # --- Cancellation ------------------------------------------------------------------
@@ -102,7 +154,7 @@ async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wra
 def test_client_disconnect_mid_stream_aborts_the_engine_request(text_stack: Stack) -> None:
     with (
         httpx.Client(base_url=text_stack.base_url, timeout=60) as client,
-        client.stream("POST", "/v1/chat/completions", json=chat_body(1800, stream=True)) as response,
+        client.stream("POST", CHAT_PATH, json=chat_body(LONG_TOKENS, stream=True)) as response,
     ):
         lines = response.iter_lines()
         for _ in range(5):
@@ -114,18 +166,20 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(text_stack: Stac
         time.sleep(0.1)
 
 
-def test_keepalive_comments_before_the_first_token(text_stack: Stack, wrapper) -> None:
-    # A prompt near MAX_MODEL_LEN (about 1,800 tokens) takes tens of milliseconds to
-    # prefill even on the tiny model; the interval is far shorter than that.
-    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, SSE_KEEPALIVE_S="0.005")
-    body = chat_body(1, stream=True) | {"messages": [{"role": "user", "content": "word " * 900}]}
-    with (
-        httpx.Client(base_url=gateway.base_url, timeout=60) as client,
-        client.stream("POST", "/v1/chat/completions", json=body) as response,
+async def test_keepalive_comments_before_the_first_token(text_stack: Stack, wrapper) -> None:
+    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, SSE_KEEPALIVE_S="0.05")
+    async with (
+        httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client,
+        saturated_engine(text_stack.engine_url) as saturation,
+        client.stream("POST", CHAT_PATH, json=chat_body(4, stream=True)) as response,
     ):
-        raw = b"".join(response.iter_raw()).decode()
-    assert raw.startswith(": keep-alive\n\n")
-    assert raw.rstrip().endswith("data: [DONE]")
+        raw = response.aiter_raw()
+        received = [await anext(raw)]  # the request waits for an engine slot
+        await saturation.release()
+        received += [chunk async for chunk in raw]
+    text = b"".join(received).decode()
+    assert text.startswith(": keep-alive\n\n")
+    assert text.rstrip().endswith("data: [DONE]")
 
 
 # --- Engine crash and drain ----------------------------------------------------------
@@ -150,82 +204,90 @@ def engine_process(stack: Stack) -> psutil.Process:
     raise AssertionError("no engine process found")
 
 
-def stream_in_thread(base_url: str, body: dict[str, object], out: dict[str, object]) -> threading.Thread:
-    def run() -> None:
-        with (
-            httpx.Client(base_url=base_url, timeout=120) as client,
-            client.stream("POST", "/v1/chat/completions", json=body) as response,
-        ):
-            out["status"] = response.status_code
-            out["lines"] = read_sse(response)
+@dataclass
+class OpenStream:
+    """What a streaming client received so far."""
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    status: int | None = None
+    lines: list[str] = field(default_factory=list)
+    generating: asyncio.Event = field(default_factory=asyncio.Event)
 
-
-def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(restart_stack: Stack) -> None:
-    results = [{} for _ in range(3)]
-    threads = [stream_in_thread(restart_stack.base_url, chat_body(1500, stream=True), out) for out in results]
-    deadline = time.monotonic() + 30
-    while engine_gauge(restart_stack.engine_url, "vllm:num_requests_running") < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    killed_at = time.monotonic()
-    os.killpg(engine_process(restart_stack).pid, signal.SIGKILL)
-
-    seen_unhealthy = None
-    while time.monotonic() - killed_at < 10:
-        if httpx.get(f"{restart_stack.base_url}/health", timeout=2).status_code == 503:
-            seen_unhealthy = time.monotonic() - killed_at
-            break
-        time.sleep(0.1)
-    assert seen_unhealthy is not None and seen_unhealthy < 2.0
-    assert httpx.get(f"{restart_stack.base_url}/ping", timeout=2).status_code in (204, 503)
-
-    for thread in threads:
-        thread.join(30)
-    for out in results:
-        lines = out["lines"]
-        assert lines[-1] == "data: [DONE]"
-        error = json.loads(lines[-2].removeprefix("data: "))
-        assert error["error"]["type"] == "engine_error"
-
-    restart_stack.wait_ready(timeout_s=300)
-    reply = httpx.post(f"{restart_stack.base_url}/v1/chat/completions", json=chat_body(4, stream=False), timeout=60)
-    assert reply.status_code == 200
-    assert httpx.get(f"{restart_stack.base_url}/health").json()["engine_restarts"] == 1
+    def events(self) -> list[dict[str, object]]:
+        """The JSON events before the final `[DONE]`."""
+        return [json.loads(line.removeprefix("data: ")) for line in self.lines[:-1]]
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> None:
-    results = [{} for _ in range(2)]
-    # Long enough (seconds even on an idle machine) that the checks below run mid-drain.
+async def open_streams(
+    client: httpx.AsyncClient, body: dict[str, object], count: int
+) -> tuple[list[OpenStream], asyncio.Future[list[None]]]:
+    """Start `count` streams together; return once every one of them has received a chunk."""
+
+    async def read(stream: OpenStream) -> None:
+        async with client.stream("POST", CHAT_PATH, json=body) as response:
+            stream.status = response.status_code
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    stream.lines.append(line)
+                    stream.generating.set()
+
+    streams = [OpenStream() for _ in range(count)]
+    reading = asyncio.gather(*(read(stream) for stream in streams))
+    started = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*(s.generating.wait() for s in streams)), WAIT_S))
+    await asyncio.wait((reading, started), return_when=asyncio.FIRST_COMPLETED)
+    if reading.done():
+        reading.result()  # a stream failed before all of them were generating: raise its error
+    await started
+    return streams, reading
+
+
+async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(restart_stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=restart_stack.base_url, timeout=120) as client:
+        streams, reading = await open_streams(client, chat_body(LONG_TOKENS, stream=True), 3)
+        killed_at = time.monotonic()
+        os.killpg(engine_process(restart_stack).pid, signal.SIGKILL)
+
+        seen_unhealthy = None
+        while time.monotonic() - killed_at < 10:
+            if (await client.get("/health", timeout=2)).status_code == 503:
+                seen_unhealthy = time.monotonic() - killed_at
+                break
+            await asyncio.sleep(0.1)
+        assert seen_unhealthy is not None and seen_unhealthy < 2.0
+        assert (await client.get("/ping", timeout=2)).status_code in (204, 503)
+
+        await asyncio.wait_for(reading, WAIT_S)
+        for stream in streams:
+            assert stream.lines[-1] == "data: [DONE]"
+            assert stream.events()[-1]["error"]["type"] == "engine_error"
+
+        await asyncio.to_thread(restart_stack.wait_ready, 300)
+        reply = await client.post(CHAT_PATH, json=chat_body(4, stream=False))
+        assert reply.status_code == 200
+        assert (await client.get("/health")).json()["engine_restarts"] == 1
+
+
+async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> None:
     # Usage counts tokens: a byte-level token can carry an empty delta, so content chunks do not.
-    body = chat_body(HOLDING_TOKENS, stream=True) | {"stream_options": {"include_usage": True}}
-    threads = [stream_in_thread(restart_stack.base_url, body, out) for out in results]
-    deadline = time.monotonic() + 30
-    while engine_gauge(restart_stack.engine_url, "vllm:num_requests_running") < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    restart_stack.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{restart_stack.base_url}/ping", timeout=5).status_code != 503:
-        assert time.monotonic() < deadline, "/ping still healthy 10 s after SIGTERM"
-        time.sleep(0.05)
-    late = httpx.post(f"{restart_stack.base_url}/v1/chat/completions", json=chat_body(4, stream=False), timeout=10)
-    assert late.status_code == 503 and late.headers["retry-after"]
-    assert late.json()["error"]["code"] == "draining"
-    assert httpx.get(f"{restart_stack.base_url}/health", timeout=5).json()["phase"] == "draining"
-    for thread in threads:
-        thread.join(60)
-    for out in results:
-        lines = out["lines"]
-        assert out["status"] == 200 and lines[-1] == "data: [DONE]"
-        chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-        assert chunks[-1]["usage"]["completion_tokens"] == HOLDING_TOKENS, "a drained stream lost tokens"
-        choices = [chunk["choices"][0] for chunk in chunks if chunk["choices"]]
+    body = chat_body(LONG_TOKENS, stream=True) | {"stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(base_url=restart_stack.base_url, timeout=120) as client:
+        streams, reading = await open_streams(client, body, 2)
+        restart_stack.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while (await client.get("/ping", timeout=5)).status_code != 503:
+            assert time.monotonic() < deadline, "/ping still healthy 10 s after SIGTERM"
+            await asyncio.sleep(0.05)
+        late = await client.post(CHAT_PATH, json=chat_body(4, stream=False), timeout=10)
+        assert late.status_code == 503 and late.headers["retry-after"]
+        assert late.json()["error"]["code"] == "draining"
+        assert (await client.get("/health", timeout=5)).json()["phase"] == "draining"
+        await asyncio.wait_for(reading, 60)
+    for stream in streams:
+        assert stream.status == 200 and stream.lines[-1] == "data: [DONE]"
+        events = stream.events()
+        assert events[-1]["usage"]["completion_tokens"] == LONG_TOKENS, "a drained stream lost tokens"
+        choices = [event["choices"][0] for event in events if event["choices"]]
         assert choices[-1]["finish_reason"] == "length"
-    assert restart_stack.process.wait(60) == 0
+    assert await asyncio.to_thread(restart_stack.process.wait, 60) == 0
 
 
 def test_engine_death_with_on_engine_failure_exit_stops_the_container(logs_dir: Path) -> None:
