@@ -71,9 +71,10 @@ class _RequestSeries:
 
     requests: Counter
     duration: Histogram
-    time_to_first_token: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
+    # None for requests without a model (probes, /info): no empty-label series.
+    time_to_first_token: Histogram | None
+    prompt_tokens: Counter | None
+    completion_tokens: Counter | None
 
 
 class WrapperMetrics:
@@ -136,11 +137,11 @@ class WrapperMetrics:
         series.requests.inc()
         series.duration.observe(record.duration_s)
         ttft = record.ttft_s
-        if ttft is not None:
+        if ttft is not None and series.time_to_first_token is not None:
             series.time_to_first_token.observe(ttft)
-        if record.prompt_tokens:
+        if record.prompt_tokens and series.prompt_tokens is not None:
             series.prompt_tokens.inc(record.prompt_tokens)
-        if record.completion_tokens:
+        if record.completion_tokens and series.completion_tokens is not None:
             series.completion_tokens.inc(record.completion_tokens)
         if record.error_cause:
             errors = self._errors.get(record.error_cause) or self._errors.setdefault(
@@ -168,9 +169,9 @@ class WrapperMetrics:
         series = _RequestSeries(
             requests=self.requests.labels(route, str(status), model),
             duration=self.request_duration.labels(route, model),
-            time_to_first_token=self.time_to_first_token.labels(model),
-            prompt_tokens=self.prompt_tokens.labels(model),
-            completion_tokens=self.completion_tokens.labels(model),
+            time_to_first_token=self.time_to_first_token.labels(model) if model else None,
+            prompt_tokens=self.prompt_tokens.labels(model) if model else None,
+            completion_tokens=self.completion_tokens.labels(model) if model else None,
         )
         self._series[key] = series
         return series
