@@ -53,6 +53,14 @@ def metric_value(text: str, name: str) -> float:
     return next(sample.value for sample in samples if sample.name == name)
 
 
+def wait_for_engine_gauge(engine_url: str, name: str, value: float) -> None:
+    """Poll the engine's /metrics until `name` equals `value` (its gauges lag the requests a little)."""
+    deadline = time.monotonic() + WAIT_S
+    while (current := engine_gauge(engine_url, name)) != value:
+        assert time.monotonic() < deadline, f"engine {name} is {current}, never reached {value}"
+        time.sleep(0.05)
+
+
 async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -> None:
     """Poll the wrapper's /metrics until `name` equals `value` (at most WAIT_S)."""
     deadline = time.monotonic() + WAIT_S
@@ -75,9 +83,9 @@ class EngineSaturation:
         request = self._client.build_request("POST", CHAT_PATH, json=body)
         self._response = response = await self._client.send(request, stream=True)
         assert response.status_code == 200
-        await anext(response.aiter_raw())  # the first step ran: every sequence holds a slot
-        running = await asyncio.to_thread(engine_gauge, self.engine_url, "vllm:num_requests_running")
-        assert running == self.slots, f"the engine runs {running} sequences: is its MAX_NUM_SEQS still {self.slots}?"
+        await anext(response.aiter_raw())  # the first step ran
+        # Every sequence holds a slot (if this times out: is the engine's MAX_NUM_SEQS still `slots`?).
+        await asyncio.to_thread(wait_for_engine_gauge, self.engine_url, "vllm:num_requests_running", self.slots)
 
     async def release(self) -> None:
         """Disconnect, which makes the engine abort every sequence and free the slots."""
@@ -159,7 +167,7 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(text_stack: Stac
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
-        assert engine_gauge(text_stack.engine_url, "vllm:num_requests_running") == 1
+        wait_for_engine_gauge(text_stack.engine_url, "vllm:num_requests_running", 1)
     deadline = time.monotonic() + 3
     while engine_gauge(text_stack.engine_url, "vllm:num_requests_running") > 0:
         assert time.monotonic() < deadline, "engine still generating for a client that left"
