@@ -21,6 +21,7 @@ import psutil
 
 GATEWAY_BOUND = 0.90  # share of a core above which the gateway is taken as the bottleneck
 CLIENT_BOUND = 0.95  # busy share of the client core above which the client side limited the cell
+STALLED = "stalled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +71,14 @@ def usage(before: CpuSnapshot, after: CpuSnapshot, gateway_core: int | None) -> 
     return out
 
 
-def bottleneck(cpu: dict[str, float], client_core: int) -> str:
-    """'gateway', 'client' or 'neither' (latency-bound, e.g. low concurrency or a slow upstream)."""
+def bottleneck(cpu: dict[str, float], client_core: int, requests: int, errors: int) -> str:
+    """'gateway', 'client', 'neither' (latency-bound, e.g. low concurrency or a slow upstream), or 'stalled'.
+
+    'stalled': not one request ended, nor failed, in the whole window. That happens when the
+    virtual machine is frozen for seconds; the cell measured nothing and is left out of the figures.
+    """
+    if requests == 0 and errors == 0:
+        return STALLED
     if cpu["gateway_cpu"] >= GATEWAY_BOUND:
         return "gateway"
     if cpu.get(f"core{client_core}_busy", 0.0) >= CLIENT_BOUND:

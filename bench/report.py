@@ -9,13 +9,17 @@ tables a reader needs) and PNG plots into the results directory.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+
+from bench.machine import STALLED
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -107,6 +111,8 @@ class Results:
 
 
 def _metric(repeat: Repeat, metric: str) -> float | None:
+    if repeat.bottleneck == STALLED:
+        return None  # the machine froze: the repeat measured nothing
     if metric in CPU_COST:
         # Gateway CPU time per request or chunk: what the gateway costs, whatever else ran on the machine.
         rate = repeat.summary.get(CPU_COST[metric]) or 0.0
@@ -168,6 +174,13 @@ def _ratio_target(results: Results, target: str, wrapper: tuple[str, str, int], 
                   _caveat(results, wrapper, baseline))
 
 
+def _capacity_target(results: Results, target: str, wrapper: tuple[str, str, int],
+                     baseline: tuple[str, str, int], threshold: float) -> Outcome:
+    """Capacity ratio estimated from CPU cost per request: steady on a busy machine and with a client-bound baseline."""
+    ratios = results.paired(wrapper, baseline, "cpu_us_per_request", lambda w, b: b / w if w else None)
+    return _judge(target, ratios, threshold, True, "×")
+
+
 def _difference_target(results: Results, target: str, wrapper: tuple[str, str, int],
                        baseline: tuple[str, str, int], metric: str, threshold_ms: float) -> Outcome:
     return _judge(target, results.paired(wrapper, baseline, metric, _difference), threshold_ms, False, " ms",
@@ -179,8 +192,12 @@ def evaluate_targets(results: Results) -> list[Outcome]:
     outcomes = [
         _ratio_target(results, "Streaming chunk rate vs nginx (zero-latency upstream, 64 chunks, c=64, one core)",
                       ("stream", "wrapper", c), ("stream", "nginx", c), "chunks_per_s", 0.6),
+        _capacity_target(results, "… estimated from CPU per chunk with chunks sent one by one (decode cell)",
+                         ("decode", "wrapper", c), ("decode", "nginx", c), 0.6),
         _ratio_target(results, "Non-streaming requests/s vs FastAPI + aiohttp (c=64, one core)",
                       ("nonstream", "wrapper", c), ("nonstream", "aiohttp", c), "requests_per_s", 2.0),
+        _capacity_target(results, "… estimated from CPU per request",
+                         ("nonstream", "wrapper", c), ("nonstream", "aiohttp", c), 2.0),
         _difference_target(results, "Added TTFT over direct, c=1, p50",
                            ("stream", "wrapper", 1), ("stream", "direct", 1), "ttft_ms_p50", 0.5),
         _ratio_target(results, "Decode (5 ms/token, c=64): chunk rate vs direct",
@@ -313,7 +330,11 @@ def _noise_lines(results: Results) -> list[str]:
               if "other_on_gateway_core" in r.cpu]
     steal = [r.cpu["steal"] for reps in results.cells.values() for r in reps if "steal" in r.cpu]
     loads = ", ".join(f"{label}: {' / '.join(f'{x:.2f}' for x in load)}" for label, load in results.load_averages)
+    stalled = sum(r.bottleneck == STALLED for reps in results.cells.values() for r in reps)
     lines = [f"- Load average (1/5/15 min): {loads or '—'}."]
+    if stalled:
+        lines.append(f"- {stalled} cell repeat(s) stalled (no request ended or failed: the machine froze) "
+                     "and are left out of every figure.")
     if spreads:
         lines.append("- Spread of a cell's rate between repeats ((max−min)/median): "
                      f"median {_pct(statistics.median(spreads))}, worst {_pct(max(spreads))}.")
@@ -503,6 +524,20 @@ def to_json(results: Results, outcomes: list[Outcome]) -> dict[str, object]:
     }
 
 
+def from_json(data: dict[str, Any]) -> Results:
+    """The Results that `to_json` wrote (targets and medians are recomputed, not read)."""
+    results = Results(started=data["started"], commit=data["commit"], machine=data["machine"], plan=data["plan"],
+                      notes=list(data["notes"]), profiles=list(data.get("profiles") or []))
+    for entry in data["load_averages"]:
+        results.note_load_average(entry["when"], tuple(entry["load"]))
+    for cell in data["cells"]:
+        for repeat in cell["repeats"]:
+            summary = {k: v for k, v in repeat.items() if k not in ("rep", "cpu", "limited_by", "error_kinds")}
+            results.add(cell["scenario"], cell["gateway"], cell["concurrency"], repeat["rep"], summary,
+                        repeat["cpu"], repeat["limited_by"], repeat["error_kinds"])
+    return results
+
+
 def write(results: Results, directory: Path) -> list[Path]:
     """Write latest.json, latest.md and the plots; returns the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -513,3 +548,19 @@ def write(results: Results, directory: Path) -> list[Path]:
     md_path = directory / "latest.md"
     md_path.write_text(markdown(results, outcomes, images) + "\n")
     return [md_path, json_path, *images]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the report again from latest.json (e.g. after a change here).")
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="directory holding latest.json (default: bench/results)")
+    args = parser.parse_args(argv)
+    source = args.results / "latest.json"
+    if not source.is_file():
+        raise SystemExit(f"bench.report: no {source}; run the benchmark first (`make bench`)")
+    paths = write(from_json(json.loads(source.read_text())), args.results)
+    print("bench.report: wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

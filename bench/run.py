@@ -243,8 +243,10 @@ class Bench:
                 job.service.check_alive()
                 cpu = machine.usage(before, after, self.plan.gateway_core if job.pinned else None)
                 summary = summarize(samples)
-                self.results.add(job.scenario, job.gateway, job.cell.concurrency, rep, summary, cpu,
-                                 machine.bottleneck(cpu, self.plan.client_core), dict(samples.errors))
+                limited_by = machine.bottleneck(cpu, self.plan.client_core, samples.requests,
+                                                sum(samples.errors.values()))
+                self.results.add(job.scenario, job.gateway, job.cell.concurrency, rep, summary, cpu, limited_by,
+                                 dict(samples.errors))
                 done += 1
                 _progress(done, total, rep, job, summary, cpu)
 

@@ -127,8 +127,7 @@ class Supervisor:
     async def _shutdown(self, code: int, drain: bool) -> int:
         if drain:
             self.board.enter(Phase.DRAINING)
-        for wrapper in self.wrappers:
-            wrapper.signal(signal.SIGTERM)
+        # stop() sends one SIGTERM: the wrappers drain; a second signal would cut the drain short.
         wrapper_timeout = self.settings.DRAIN_TIMEOUT_S + WRAPPER_STOP_MARGIN_S
         await asyncio.gather(*(w.stop(wrapper_timeout) for w in self.wrappers))
         if self.engine is not None:

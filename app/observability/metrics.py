@@ -112,7 +112,7 @@ class WrapperMetrics:
             ["modality"], registry=registry,
         )
         self.in_flight = Gauge(
-            p + "requests_in_flight", "Requests the wrapper is serving now, queued ones included.",
+            p + "requests_in_flight", "Requests admitted to the engine and not yet finished (queued ones are in queue_depth).",
             registry=registry, multiprocess_mode="livesum",
         )
         self.queue_depth = Gauge(

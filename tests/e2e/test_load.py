@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ from tests.e2e.conftest import TEXT_MODEL
 from tests.stack import Stack, engine_gauge
 
 CHAT_PATH = "/v1/chat/completions"
+SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 LOAD_CLIENTS = 200
 LOAD_DURATION_S = 60.0
@@ -56,8 +58,9 @@ MAX_RSS_GROWTH = 0.10
 IDLE_WAIT_S = 15.0
 
 
-def chat_body(max_tokens: int, stream: bool) -> dict[str, object]:
-    return {
+def chat_body(max_tokens: int, stream: bool, usage: bool = False) -> dict[str, object]:
+    """A chat request for exactly `max_tokens` tokens; `usage` asks a stream for its usage chunk."""
+    body: dict[str, object] = {
         "model": TEXT_MODEL,
         "messages": [{"role": "user", "content": "Tell me a story"}],
         "max_tokens": max_tokens,
@@ -65,11 +68,28 @@ def chat_body(max_tokens: int, stream: bool) -> dict[str, object]:
         "ignore_eos": True,
         "stream": stream,
     }
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
 
 
-def stream_problem(lines: list[str]) -> str | None:
-    """What is wrong with a chat completion stream, or None when it is well formed."""
-    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+def sse_data(raw: bytes) -> list[str]:
+    """The `data:` fields of a server-sent event stream, in order.
+
+    Lines end at CR or LF only: the JSON of a chunk may hold U+2028 or U+0085,
+    which `str.splitlines` would also split on.
+    """
+    lines = SSE_LINE_BREAK.split(raw.decode(errors="replace"))
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+def stream_problem(raw: bytes, body: dict[str, object]) -> str | None:
+    """What is wrong with a chat completion stream, or None when it is well formed.
+
+    The tiny model's tokens are random bytes, so a token's text can be empty: the
+    token count is checked through the usage chunk, when the client asked for one.
+    """
+    events = sse_data(raw)
     if not events or events[-1] != "[DONE]":
         return "stream does not end with [DONE]"
     try:
@@ -81,10 +101,15 @@ def stream_problem(lines: list[str]) -> str | None:
     choices = [chunk["choices"][0] for chunk in chunks if chunk.get("choices")]
     if not choices or choices[0]["delta"].get("role") != "assistant":
         return "first chunk has no assistant role"
-    if not "".join(choice["delta"].get("content") or "" for choice in choices):
-        return "stream carries no content"
+    if not any("content" in choice["delta"] for choice in choices):
+        return "stream has no content chunk"
     if choices[-1].get("finish_reason") not in ("length", "stop"):
         return "last chunk has no finish_reason"
+    usages = [chunk["usage"] for chunk in chunks if chunk.get("usage")]
+    if "stream_options" not in body:
+        return "usage chunk the client did not ask for" if usages else None
+    if len(usages) != 1 or usages[0].get("completion_tokens") != body["max_tokens"]:
+        return f"usage chunk missing or wrong: {usages}"
     return None
 
 
@@ -150,11 +175,7 @@ async def send_chat(session: aiohttp.ClientSession, url: str, body: dict[str, ob
             if response.status != 200:
                 outcomes.add(f"failed: HTTP {response.status}", raw.decode(errors="replace"))
                 return 0.0
-            problem = (
-                stream_problem(raw.decode(errors="replace").splitlines())
-                if body["stream"]
-                else completion_problem(raw, body)
-            )
+            problem = stream_problem(raw, body) if body["stream"] else completion_problem(raw, body)
             if problem:
                 outcomes.add("failed: malformed answer", f"{problem}: {raw[-300:]!r}")
             else:
@@ -202,20 +223,24 @@ def write_report(logs_dir: Path, name: str, report: dict[str, object]) -> None:
 
 
 async def overload(url: str) -> tuple[Outcomes, float]:
-    """LOAD_CLIENTS streaming clients, each sending requests back to back until LOAD_DURATION_S is up."""
-    body = chat_body(LOAD_MAX_TOKENS, stream=True)
+    """LOAD_CLIENTS streaming clients, each sending requests back to back until LOAD_DURATION_S is up.
+
+    Half of the clients ask for the usage chunk (it must carry the token count),
+    half do not (it must not appear).
+    """
     outcomes = Outcomes()
     started = time.monotonic()
     deadline = started + LOAD_DURATION_S
 
-    async def streaming_client(session: aiohttp.ClientSession) -> None:
+    async def streaming_client(session: aiohttp.ClientSession, usage: bool) -> None:
+        body = chat_body(LOAD_MAX_TOKENS, stream=True, usage=usage)
         while time.monotonic() < deadline:
             retry_after = await send_chat(session, url, body, outcomes)
             # A well-behaved client honours Retry-After (never past the end of the run).
             await asyncio.sleep(min(retry_after, max(0.0, deadline - time.monotonic())))
 
     async with client_session() as session:
-        clients = [streaming_client(session) for _ in range(LOAD_CLIENTS)]
+        clients = [streaming_client(session, usage=index % 2 == 0) for index in range(LOAD_CLIENTS)]
         await asyncio.wait_for(asyncio.gather(*clients), LOAD_DURATION_S + CLIENT_TIMEOUT_S + 30)
     return outcomes, time.monotonic() - started
 
@@ -278,7 +303,7 @@ def wrapper_process(stack: Stack) -> psutil.Process:
 
 
 async def steady_traffic(url: str, count: int, outcomes: Outcomes, deadline: float) -> None:
-    """`count` requests from SOAK_CONCURRENCY clients, one in SOAK_STREAM_EVERY streaming."""
+    """`count` requests from SOAK_CONCURRENCY clients; one in SOAK_STREAM_EVERY streams, half of those with usage."""
     numbers = iter(range(count))
 
     async def client(session: aiohttp.ClientSession) -> None:
@@ -286,7 +311,8 @@ async def steady_traffic(url: str, count: int, outcomes: Outcomes, deadline: flo
             if time.monotonic() > deadline:
                 return
             stream = number % SOAK_STREAM_EVERY == 0
-            await send_chat(session, url, chat_body(4 if stream else 1, stream), outcomes)
+            usage = number % (2 * SOAK_STREAM_EVERY) == 0
+            await send_chat(session, url, chat_body(4 if stream else 1, stream, usage), outcomes)
 
     async with client_session() as session:
         await asyncio.gather(*(client(session) for _ in range(SOAK_CONCURRENCY)))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.profile import summarize_stacks
-from bench.report import Outcome, Results, evaluate_targets, write
+from bench.report import Outcome, Results, evaluate_targets, from_json, markdown, write
 
 
 def results_with(cells: dict[tuple[str, str, int], list[dict[str, float]]]) -> Results:
@@ -104,3 +104,31 @@ def test_profile_stacks_reduce_to_self_and_total_shares() -> None:
     assert "main (app/serve.py)" not in shares  # no self samples
     by_component = {row["component"]: row["self"] for row in summary["components"]}
     assert by_component == {"json": 60.0, "app/proxy/relay.py": 30.0, "app/observability/access.py": 10.0}
+
+
+def test_stalled_repeats_are_left_out() -> None:
+    results = results_with({
+        ("stream", "wrapper", 64): [{"chunks_per_s": 70.0}, {"chunks_per_s": 80.0}],
+        ("stream", "nginx", 64): [{"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}],
+    })
+    # The machine froze during the third repeat: nothing ended, nothing failed.
+    results.add("stream", "wrapper", 64, 2, {"chunks_per_s": 0.0, "requests": 0, "errors": 0}, {}, "stalled", {})
+    results.add("stream", "nginx", 64, 2, {"chunks_per_s": 0.0, "requests": 0, "errors": 0}, {}, "stalled", {})
+
+    assert results.median("stream", "wrapper", 64, "chunks_per_s") == 75.0
+    assert outcome(results, "Streaming chunk rate vs nginx").value == pytest.approx(0.75)
+
+
+def test_report_can_be_written_again_from_its_json(tmp_path: Path) -> None:
+    results = results_with({
+        ("stream", "wrapper", 64): [{"chunks_per_s": 70.0, "ttft_ms_p50": 1.0}, {"chunks_per_s": 80.0}],
+        ("stream", "nginx", 64): [{"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}],
+    })
+    results.note_load_average("start", (1.0, 0.5, 0.25))
+    write(results, tmp_path)
+
+    again = from_json(json.loads((tmp_path / "latest.json").read_text()))
+
+    outcomes = evaluate_targets(results)
+    assert evaluate_targets(again) == outcomes
+    assert markdown(again, outcomes, []) == markdown(results, outcomes, [])
