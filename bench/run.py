@@ -208,7 +208,7 @@ class Bench:
                     self.results.profiles = profile_wrapper(self.generator, gateways["wrapper"], RESULTS_DIR,
                                                             plan.client_core)
                 except RuntimeError as error:
-                    self.results.notes.append(f"no profile: {error}")
+                    self.results.notes.append(f"No profile: {error}")
 
     def engine_matrix(self) -> None:
         """Real engine cells; engine and wrapper on any core (the engine pins its own compute)."""
