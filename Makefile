@@ -28,7 +28,7 @@ test: system models
 	$(PY) -m pytest tests
 
 bench: models system
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf bench/results .pytest_cache

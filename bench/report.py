@@ -176,7 +176,7 @@ def _ratio_target(results: Results, target: str, wrapper: tuple[str, str, int], 
 
 def _capacity_target(results: Results, target: str, wrapper: tuple[str, str, int],
                      baseline: tuple[str, str, int], threshold: float) -> Outcome:
-    """Capacity ratio estimated from CPU cost per request: steady on a busy machine and with a client-bound baseline."""
+    """Capacity ratio from CPU cost per request: it holds on a busy machine and with a client-bound baseline."""
     ratios = results.paired(wrapper, baseline, "cpu_us_per_request", lambda w, b: b / w if w else None)
     return _judge(target, ratios, threshold, True, "×")
 
@@ -221,8 +221,9 @@ def evaluate_targets(results: Results) -> list[Outcome]:
     for scenario, metric in (("scale-stream", "chunks_per_s"), ("scale-nonstream", "requests_per_s")):
         for many in (g for g in results.gateways(scenario) if g != "wrapper-1w"):
             kind = "streaming chunks/s" if scenario == "scale-stream" else "non-streaming requests/s"
+            workers = many.removeprefix("wrapper-").removesuffix("w")
             outcomes.append(_ratio_target(
-                results, f"Scale-out: {many.removeprefix('wrapper-').removesuffix('w')} workers vs 1, {kind}, c=64, both cores",
+                results, f"Scale-out: {workers} workers vs 1, {kind}, c=64, both cores",
                 (scenario, many, c), (scenario, "wrapper-1w", c), metric, 1.0))
     return outcomes
 

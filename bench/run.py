@@ -30,7 +30,7 @@ from pathlib import Path
 from bench import machine, report
 from bench.loadgen import Cell, LoadGenerator, summarize
 from bench.profile import profile_wrapper, py_spy
-from bench.services import Service, ServiceError, Services, raise_on_sigterm
+from bench.services import Service, ServiceError, Services, raise_on_stop_signals
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -364,7 +364,7 @@ def git_commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     plan = parse_args(argv)
     preflight(plan)
-    raise_on_sigterm()
+    raise_on_stop_signals()
     os.sched_setaffinity(0, {plan.client_core})
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     missing = wrapper_missing()

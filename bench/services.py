@@ -154,11 +154,14 @@ def _port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so `with Services()` blocks unwind and stop their servers."""
+def raise_on_stop_signals() -> None:
+    """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt: `with Services()` blocks unwind and stop their servers.
+
+    SIGINT is set explicitly: a process started in the background by a non-interactive shell inherits it ignored.
+    """
 
     def handler(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGHUP, handler)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
