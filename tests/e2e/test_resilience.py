@@ -35,6 +35,8 @@ LONG_TOKENS = 2000
 # MAX_NUM_SEQS of `text_stack` (tests/e2e/conftest.py).
 TEXT_ENGINE_MAX_NUM_SEQS = 64
 WAIT_S = 30.0
+# Choices per stream in the engine-crash test: seconds of engine work for three streams.
+CRASH_CHOICES = 8
 
 
 def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[str, object]:
@@ -245,6 +247,11 @@ class OpenStream:
         """The JSON events before the final `[DONE]`."""
         return [json.loads(data) for data in self.data()[:-1]]
 
+    def finished_choices(self) -> int:
+        """How many choices the engine ended (a `finish_reason`)."""
+        choices = (choice for event in self.events() for choice in event.get("choices", ()))
+        return len({choice["index"] for choice in choices if choice.get("finish_reason")})
+
 
 async def open_streams(
     client: httpx.AsyncClient, body: dict[str, object], count: int
@@ -272,7 +279,10 @@ async def open_streams(
 async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(restart_stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=restart_stack.base_url, timeout=120) as client:
         await warm_up(client)
-        streams, reading = await open_streams(client, chat_body(LONG_TOKENS, stream=True), 3)
+        # Several choices per stream keep the engine busy for seconds; a starved client may
+        # still read a stream the engine finished in full before the kill, which is not cut.
+        body = chat_body(LONG_TOKENS, stream=True) | {"n": CRASH_CHOICES}
+        streams, reading = await open_streams(client, body, 3)
         killed_at = time.monotonic()
         os.killpg(engine_process(restart_stack).pid, signal.SIGKILL)
 
@@ -286,9 +296,13 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
         assert (await client.get("/ping", timeout=2)).status_code in (204, 503)
 
         await asyncio.wait_for(reading, WAIT_S)
+        cut = [stream for stream in streams if stream.finished_choices() < CRASH_CHOICES]
+        assert cut, "the engine finished every stream before it was killed"
         for stream in streams:
             assert stream.data()[-1] == "[DONE]"
-            assert stream.events()[-1]["error"]["type"] == "engine_error"
+        for stream in cut:
+            last = stream.events()[-1]
+            assert "error" in last and last["error"]["type"] == "engine_error", f"the stream ended with {last}"
 
         await asyncio.to_thread(restart_stack.wait_ready, 300)
         reply = await client.post(CHAT_PATH, json=chat_body(4, stream=False))
@@ -300,7 +314,8 @@ async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stac
     # Usage counts tokens: a byte-level token can carry an empty delta, so content chunks do not.
     body = chat_body(LONG_TOKENS, stream=True) | {"stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(base_url=restart_stack.base_url, timeout=120) as client:
-        await warm_up(client)  # the crash test restarts the engine
+        await asyncio.to_thread(restart_stack.wait_ready, 300)  # the crash test restarts the engine
+        await warm_up(client)
         streams, reading = await open_streams(client, body, 2)
         restart_stack.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
