@@ -178,6 +178,9 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
 def configure_logging(log_format: str, level: str) -> None:
     """Send every logger of this process to stdout in LOG_FORMAT at LOG_LEVEL; safe to call again."""
     logging.config.dictConfig(uvicorn_log_config(log_format, level))
+    # No line shows the process, thread or multiprocessing name: skip the lookups
+    # (a getpid syscall among them) that every LogRecord would otherwise make.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     # Python warnings become log records too, instead of raw text on stderr.
     logging.captureWarnings(True)
 

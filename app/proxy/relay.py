@@ -192,17 +192,9 @@ class V1Proxy:
     ) -> None:
         content = response.content
         usage = UsageFilter(strip=strip_usage)
-        first_read = asyncio.ensure_future(content.readany())
-        try:
-            while True:
-                done, _ = await asyncio.wait((first_read,), timeout=self.gateway.settings.SSE_KEEPALIVE_S)
-                if done:
-                    break
-                await reply.chunk(KEEPALIVE)
-        finally:
-            if not first_read.done():
-                first_read.cancel()
-        chunk = first_read.result()
+        chunk = content.read_nowait()
+        if not chunk and not content.at_eof():
+            chunk = await self._first_chunk(reply, content)
         record.first_token_at = time.perf_counter()
         send = reply.send
         while chunk:
@@ -217,6 +209,19 @@ class V1Proxy:
         record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         await reply.finish(usage.flush())
 
+    async def _first_chunk(self, reply: Reply, content: aiohttp.StreamReader) -> bytes:
+        """Wait for the engine's first bytes, sending SSE keep-alive comments meanwhile."""
+        first_read = asyncio.ensure_future(content.readany())
+        try:
+            while True:
+                done, _ = await asyncio.wait((first_read,), timeout=self.gateway.settings.SSE_KEEPALIVE_S)
+                if done:
+                    return first_read.result()
+                await reply.chunk(KEEPALIVE)
+        finally:
+            if not first_read.done():
+                first_read.cancel()
+
     async def _fail(self, reply: Reply, record: RequestRecord, error: APIError) -> None:
         """Report `error` as a JSON response, or as a final SSE event when a stream already began."""
         record.error_cause = error.cause
@@ -226,6 +231,7 @@ class V1Proxy:
             record.status = error.status
             reply.disarm()
             await send_error(reply.send, error)
+            reply.completed = True
             return
         await reply.finish(b"data: " + error.json_bytes() + b"\n\n" + DONE)
 
@@ -245,7 +251,7 @@ class Reply:
         self.completed = False
         self.client_gone = False
         self._armed = True
-        self._watcher = asyncio.ensure_future(self._watch(receive, task))
+        self._watcher = task.get_loop().create_task(self._watch(receive, task))
 
     async def _watch(self, receive: Any, task: asyncio.Task[Any]) -> None:
         while True:
@@ -273,7 +279,12 @@ class Reply:
 
     def close(self) -> None:
         self._armed = False
-        self._watcher.cancel()
+        # Once the response is complete, the server answers the pending `receive`
+        # with http.disconnect and the watcher ends by itself. Cancelling it would
+        # leave a CancelledError whose traceback ties the request's objects into
+        # a reference cycle, which only the garbage collector can free.
+        if not self.completed:
+            self._watcher.cancel()
 
 
 def _encode_json(payload: dict[str, Any]) -> bytes:
