@@ -8,7 +8,8 @@ matrix of cells with the load generator, stops everything, and writes
 
 Placement on the 2-core machine: every gateway is pinned to the gateway core
 (0 by default); the upstream, the load generator and this runner share the
-other core. Cells run interleaved: each repeat measures every gateway at one
+other core. In the real-engine cells the engine computes on the first core and the
+wrapper runs on the other. Cells run interleaved: each repeat measures every gateway at one
 concurrency back to back, so ratios compare measurements taken seconds apart.
 
 Run: `python -m bench.run [--quick] [--engine] [--workers N] [--httpx] [--profile]`.
@@ -124,9 +125,12 @@ class Bench:
         return Service(f"passthrough-{kind}", argv, port, self.logs / f"passthrough-{kind}.log",
                        cpus=str(self.plan.gateway_core), cwd=REPO)
 
-    def wrapper(self, name: str, port: int, engine_port: int, *, pinned: bool = True, workers: int = 1,
+    def wrapper(self, name: str, port: int, engine_port: int, *, core: int | None, workers: int = 1,
                 model: str = "m") -> Service:
-        """The wrapper as deployed: scripts/start.sh in wrapper-only mode, one JSON log line per request."""
+        """The wrapper as deployed: scripts/start.sh in wrapper-only mode, one JSON log line per request.
+
+        `core`: the core it is pinned to, or None to let it run on any.
+        """
         env = {
             "PATH": f"{Path(PYTHON).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": os.environ.get("HOME", "/root"),
@@ -142,7 +146,7 @@ class Bench:
             "DRAIN_TIMEOUT_S": "1",
         }
         return Service(name, ["bash", "scripts/start.sh"], port, self.logs / f"{name}.log",
-                       cpus=str(self.plan.gateway_core) if pinned else None, env=env, cwd=REPO,
+                       cpus=None if core is None else str(core), env=env, cwd=REPO,
                        ready_timeout_s=ENGINE_READY_TIMEOUT_S)
 
     def engine(self) -> Service:
@@ -168,17 +172,18 @@ class Bench:
         scale: dict[str, Service] = {}
         servers = [s for s in gateways.values() if s is not up]
         if with_wrapper:
-            gateways["wrapper"] = self.wrapper("wrapper", WRAPPER_PORT, UPSTREAM_PORT)
-            wrapper_decode = self.wrapper("wrapper-decode", WRAPPER_DECODE_PORT, DECODE_UPSTREAM_PORT)
+            core = plan.gateway_core
+            gateways["wrapper"] = self.wrapper("wrapper", WRAPPER_PORT, UPSTREAM_PORT, core=core)
+            wrapper_decode = self.wrapper("wrapper-decode", WRAPPER_DECODE_PORT, DECODE_UPSTREAM_PORT, core=core)
             decode["wrapper"] = (wrapper_decode.url, wrapper_decode)
             servers += [gateways["wrapper"], wrapper_decode]
             if plan.workers:
                 scale = {
                     "wrapper-1w": self.wrapper("wrapper-scale-1", WRAPPER_SCALE_ONE_PORT, UPSTREAM_PORT,
-                                               pinned=False),
+                                               core=None),
                     f"wrapper-{plan.workers}w": self.wrapper(f"wrapper-scale-{plan.workers}",
                                                              WRAPPER_SCALE_MANY_PORT, UPSTREAM_PORT,
-                                                             pinned=False, workers=plan.workers),
+                                                             core=None, workers=plan.workers),
                 }
                 servers += scale.values()
         with Services() as services:
@@ -211,9 +216,14 @@ class Bench:
                     self.results.notes.append(f"No profile: {error}")
 
     def engine_matrix(self) -> None:
-        """Real engine cells; engine and wrapper on any core (the engine pins its own compute)."""
+        """Real engine cells.
+
+        vLLM's CPU build binds its compute to the first core and leaves the other to
+        its API server; the wrapper is pinned to that other core (with the load
+        generator), as on a GPU machine its CPU never comes out of the engine's compute.
+        """
         engine = self.engine()
-        wrapper = self.wrapper("wrapper-engine", WRAPPER_ENGINE_PORT, ENGINE_PORT, pinned=False,
+        wrapper = self.wrapper("wrapper-engine", WRAPPER_ENGINE_PORT, ENGINE_PORT, core=self.plan.client_core,
                                model=str(ENGINE_MODEL))
         with Services() as services:
             services.start(engine)

@@ -65,7 +65,11 @@ class Gateway:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",))
+        # No cookie jar: a cookie the engine sets belongs to the client that got it, never to the next one.
+        self.session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
         self.readiness.bind(self.session)
         self.media_fetcher = MediaFetcher(MediaPolicy.from_settings(self.settings, frozenset()).urls)
         await self.media_fetcher.start()
