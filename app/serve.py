@@ -106,7 +106,7 @@ def main() -> int:
     from app.main import app  # imported after logging is configured
 
     # Everything loaded so far lives as long as the process, and a request leaves
-    # no reference cycles (tests/unit/test_proxy_garbage.py): keep the long-lived
+    # no reference cycles (tests/unit/test_proxy_in_process.py): keep the long-lived
     # objects out of the collector's scans and let it run rarely.
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
