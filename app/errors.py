@@ -4,6 +4,10 @@ Every error the wrapper produces itself uses the body OpenAI clients parse:
 ``{"error": {"message", "type", "param", "code"}}``. The `cause` attribute is
 not sent; it labels the error in metrics and in the request log line
 (client_error, engine_error, timeout, rejected, auth, unavailable).
+
+The engine's own errors mostly have that shape too, but not all: FastAPI's
+``{"detail": ...}`` (a body it cannot parse, an unknown route) and plain text
+get the same shape before they reach the client.
 """
 
 from __future__ import annotations
@@ -49,3 +53,29 @@ class APIError(Exception):
 
 def unavailable(message: str, retry_after_s: float = 5.0, code: str = "unavailable") -> APIError:
     return APIError(503, message, code=code, cause="unavailable", headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+def openai_error_body(status: int, body: bytes) -> bytes | None:
+    """`body`, an engine's error answer, in the OpenAI shape; None when it already has it."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return None
+    if isinstance(answer, dict) and "detail" in answer:
+        message = _detail_message(answer["detail"])
+    else:
+        message = body.decode("utf-8", "replace").strip()
+    return APIError(status, message or f"The engine answered HTTP {status}.").json_bytes()
+
+
+def _detail_message(detail: object) -> str:
+    """FastAPI's `detail`: a sentence, or a list of validation errors with `loc` and `msg`."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list) and all(isinstance(item, dict) for item in detail):
+        return "; ".join(
+            f"{'.'.join(map(str, item.get('loc') or ()))}: {item.get('msg', '')}".lstrip(": ") for item in detail
+        )
+    return json.dumps(detail)

@@ -30,7 +30,7 @@ import aiohttp
 from yarl import URL
 
 from app.auth import header
-from app.errors import APIError, unavailable
+from app.errors import APIError, openai_error_body, unavailable
 from app.media import prepare_chat_media
 from app.observability import metrics
 from app.observability.record import RequestRecord
@@ -153,6 +153,11 @@ class V1Proxy:
                     record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
                     if response.status >= 400:
                         record.error_cause = "engine_error" if response.status >= 500 else "client_error"
+                        reshaped = openai_error_body(response.status, payload)
+                        if reshaped is not None:
+                            payload = reshaped
+                            headers = [item for item in headers if item[0] != b"content-type"]
+                            headers.append((b"content-type", b"application/json"))
                     headers.append((b"content-length", str(len(payload)).encode()))
                     await reply.start(response.status, headers)
                     await reply.finish(payload)

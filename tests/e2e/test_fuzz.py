@@ -190,9 +190,9 @@ KNOWN_EDGES = [
 def check_answer(response: httpx.Response, body: bytes) -> None:
     assert response.status_code < 500, (response.status_code, response.text[:500], body[:500])
     if response.status_code >= 400:
-        # The wrapper's errors are OpenAI-shaped; the engine's body-parse errors are FastAPI's {"detail": ...}.
-        answer = response.json()
-        assert answer.get("error", {}).get("message") or answer.get("detail"), response.text
+        # The wrapper's own errors and the engine's (FastAPI's {"detail": ...} included) arrive OpenAI-shaped.
+        assert response.headers["content-type"] == "application/json", response.headers
+        assert response.json()["error"]["message"], response.text
         return
     if response.headers["content-type"].startswith("text/event-stream"):
         events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]

@@ -59,6 +59,19 @@ def test_prompt_over_max_model_len_is_a_400_from_the_engine(text_stack: Stack) -
     assert httpx.get(f"{text_stack.base_url}/health").status_code == 200
 
 
+def test_engine_errors_in_fastapi_shape_reach_the_client_openai_shaped(text_stack: Stack) -> None:
+    # The engine answers these two with FastAPI's {"detail": ...}: a route it does not
+    # have, and a body nested beyond its parser's depth but within the wrapper's.
+    unknown_route = httpx.post(f"{text_stack.base_url}/v1/no-such-route", json={}, timeout=30)
+    nested = b'{"model": "%s", "messages": [], "x": %s%s}' % (TEXT_MODEL.encode(), b"[" * 960, b"]" * 960)
+    too_deep = httpx.post(f"{text_stack.base_url}/v1/chat/completions", content=nested,
+                          headers={"content-type": "application/json"}, timeout=30)
+    for response, status in ((unknown_route, 404), (too_deep, 400)):
+        assert response.status_code == status and response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert error["message"] and error["type"], response.text
+
+
 def png_data_url(size: tuple[int, int] = (64, 48), color: str = "red") -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
