@@ -31,7 +31,6 @@ from app.proxy.gateway import Gateway
 log = logging.getLogger("app.serve")
 DRAIN_POLL_S = 0.05
 ABORT_GRACE_S = 2.0
-GC_YOUNG_THRESHOLD = 50_000
 
 
 class DrainingServer(uvicorn.Server):
@@ -107,9 +106,8 @@ def main() -> int:
 
     # Everything loaded so far lives as long as the process, and a request leaves
     # no reference cycles (tests/unit/test_proxy_in_process.py): keep the long-lived
-    # objects out of the collector's scans and let it run rarely.
+    # objects out of the collector's scans.
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
     config = uvicorn.Config(
         app,

@@ -234,9 +234,7 @@ class V1Proxy:
             return
         if not reply.started:
             record.status = error.status
-            reply.disarm()
-            await send_error(reply.send, error)
-            reply.completed = True
+            await reply.error(error)
             return
         await reply.finish(b"data: " + error.json_bytes() + b"\n\n" + DONE)
 
@@ -278,6 +276,12 @@ class Reply:
         self.disarm()
         self.completed = True
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def error(self, error: APIError) -> None:
+        """The whole response: `error` as a JSON body."""
+        self.disarm()
+        self.completed = True
+        await send_error(self.send, error)
 
     def disarm(self) -> None:
         self._armed = False

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ import httpx
 import pytest
 
 from app.generate.store import SQLITE_FILE_NAME
-from tests.postgres_server import APT_PACKAGE, PostgresServer, find_bindir
+from tests.postgres_server import PostgresServer, running_postgres
 from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_stack
 
 MODEL = "smol-chat"
@@ -65,16 +64,8 @@ def smol(logs_dir: Path, hf_home: Path) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    bindir = find_bindir()
-    if bindir is None:
-        message = f"PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install -y {APT_PACKAGE}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    server = PostgresServer(bindir, port=port(70))
-    server.start()
-    yield server
-    server.stop()
+    with running_postgres(port(70)) as server:
+        yield server
 
 
 def generate(base_url: str, timeout_s: float = 120, headers: dict[str, str] | None = None, **body: object) -> dict:

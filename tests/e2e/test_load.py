@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -29,13 +28,10 @@ from pathlib import Path
 import aiohttp
 import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import TEXT_MODEL
+from tests.e2e.traffic import CHAT_PATH, chat_body, metric_samples, sse_data
 from tests.stack import Stack, engine_gauge
-
-CHAT_PATH = "/v1/chat/completions"
-SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 LOAD_CLIENTS = 200
 LOAD_DURATION_S = 60.0
@@ -56,31 +52,6 @@ SOAK_STREAM_EVERY = 10
 SOAK_TIME_LIMIT_S = 240.0
 MAX_RSS_GROWTH = 0.10
 IDLE_WAIT_S = 15.0
-
-
-def chat_body(max_tokens: int, stream: bool, usage: bool = False) -> dict[str, object]:
-    """A chat request for exactly `max_tokens` tokens; `usage` asks a stream for its usage chunk."""
-    body: dict[str, object] = {
-        "model": TEXT_MODEL,
-        "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": max_tokens,
-        "min_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": stream,
-    }
-    if usage:
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
-def sse_data(raw: bytes) -> list[str]:
-    """The `data:` fields of a server-sent event stream, in order.
-
-    Lines end at CR or LF only: the JSON of a chunk may hold U+2028 or U+0085,
-    which `str.splitlines` would also split on.
-    """
-    lines = SSE_LINE_BREAK.split(raw.decode(errors="replace"))
-    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
 
 
 def stream_problem(raw: bytes, body: dict[str, object]) -> str | None:
@@ -195,13 +166,8 @@ def client_session() -> aiohttp.ClientSession:
 
 def wrapper_series(base_url: str, *names: str) -> dict[str, float]:
     """The values of unlabelled series of the wrapper's /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name in names
-    }
+    samples = metric_samples(httpx.get(f"{base_url}/metrics", timeout=10).text)
+    return {name: value for name, value in samples.items() if name in names}
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import time
 from collections import Counter
@@ -23,13 +22,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import TEXT_MODEL
+from tests.e2e.traffic import CHAT_PATH, chat_body, metric_samples, sse_data
 from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_stack
 
-CHAT_PATH = "/v1/chat/completions"
-SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # The longest generation MAX_MODEL_LEN=2048 allows after the prompt: seconds of work on the tiny model.
 LONG_TOKENS = 2000
 # MAX_NUM_SEQS of `text_stack` (tests/e2e/conftest.py).
@@ -37,24 +34,6 @@ TEXT_ENGINE_MAX_NUM_SEQS = 64
 WAIT_S = 30.0
 # Choices per stream in the engine-crash test: seconds of engine work for three streams.
 CRASH_CHOICES = 8
-
-
-def chat_body(max_tokens: int, stream: bool, fixed_length: bool = True) -> dict[str, object]:
-    body: dict[str, object] = {
-        "model": TEXT_MODEL,
-        "messages": [{"role": "user", "content": "Tell me a story"}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
-    if fixed_length:
-        body.update({"min_tokens": max_tokens, "ignore_eos": True})
-    return body
-
-
-def metric_value(text: str, name: str) -> float:
-    """One unlabelled sample of a Prometheus text exposition."""
-    samples = (sample for family in text_string_to_metric_families(text) for sample in family.samples)
-    return next(sample.value for sample in samples if sample.name == name)
 
 
 def wait_for_engine_gauge(engine_url: str, name: str, value: float) -> None:
@@ -68,7 +47,7 @@ def wait_for_engine_gauge(engine_url: str, name: str, value: float) -> None:
 async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -> None:
     """Poll the wrapper's /metrics until `name` equals `value` (at most WAIT_S)."""
     deadline = time.monotonic() + WAIT_S
-    while metric_value((await client.get("/metrics")).text, name) != value:
+    while metric_samples((await client.get("/metrics")).text)[name] != value:
         assert time.monotonic() < deadline, f"{name} never reached {value}"
         await asyncio.sleep(0.05)
 
@@ -140,7 +119,7 @@ async def test_queued_requests_are_served_in_arrival_order(text_stack: Stack, wr
             await wait_for_metric(client, "vllm_api_queue_depth", 5)
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
         assert finished == list(range(6))
-        assert metric_value((await client.get("/metrics")).text, "vllm_api_queue_wait_seconds_count") == 5
+        assert metric_samples((await client.get("/metrics")).text)["vllm_api_queue_wait_seconds_count"] == 5
 
 
 async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wrapper) -> None:
@@ -161,9 +140,9 @@ async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wra
             assert int(response.headers["retry-after"]) >= 1
             expected = "queue_full" if response.status_code == 429 else "queue_timeout"
             assert response.json()["error"]["code"] == expected
-    assert metric_value(metrics, "vllm_api_queue_depth") == 0
+    assert metric_samples(metrics)["vllm_api_queue_depth"] == 0
     # Everything that did not get the free slot at once went through the queue.
-    assert metric_value(metrics, "vllm_api_queue_wait_seconds_count") == statuses[503] + statuses[200] - 1
+    assert metric_samples(metrics)["vllm_api_queue_wait_seconds_count"] == statuses[503] + statuses[200] - 1
 
 
 # --- Cancellation ------------------------------------------------------------------
@@ -247,9 +226,7 @@ class OpenStream:
     generating: asyncio.Event = field(default_factory=asyncio.Event)
 
     def data(self) -> list[str]:
-        """The `data:` fields; lines end at CR or LF only (a chunk's JSON may hold U+2028 or U+0085)."""
-        lines = SSE_LINE_BREAK.split(self.raw.decode())
-        return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        return sse_data(bytes(self.raw))
 
     def events(self) -> list[dict[str, object]]:
         """The JSON events before the final `[DONE]`."""
@@ -320,7 +297,7 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
 
 async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> None:
     # Usage counts tokens: a byte-level token can carry an empty delta, so content chunks do not.
-    body = chat_body(LONG_TOKENS, stream=True) | {"stream_options": {"include_usage": True}}
+    body = chat_body(LONG_TOKENS, stream=True, usage=True)
     async with httpx.AsyncClient(base_url=restart_stack.base_url, timeout=120) as client:
         await asyncio.to_thread(restart_stack.wait_ready, 300)  # the crash test restarts the engine
         await warm_up(client)

@@ -8,7 +8,6 @@ each test gets a fresh database on it.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from app.generate.store import (
     SQLiteConversationStore,
     build_store,
 )
-from tests.postgres_server import APT_PACKAGE, PostgresServer, find_bindir
+from tests.postgres_server import PostgresServer, running_postgres
 
 TTL_S = 60.0
 
@@ -45,18 +44,8 @@ class FakeClock:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    bindir = find_bindir()
-    if bindir is None:
-        message = f"PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install -y {APT_PACKAGE}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    server = PostgresServer(bindir)
-    server.start()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgres"])
