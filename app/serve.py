@@ -49,6 +49,8 @@ class DrainingServer(uvicorn.Server):
         if self._drain is not None or self._loop is None:
             super().handle_exit(sig, frame)
             return
+        # Refuse new requests from the next one on, before the drain task first runs.
+        self.gateway.readiness.draining = True
         self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
 
     def _start_drain(self, signal_name: str) -> None:

@@ -125,11 +125,15 @@ class Supervisor:
         self.stopping.set()
 
     async def _shutdown(self, code: int, drain: bool) -> int:
-        if drain:
-            self.board.enter(Phase.DRAINING)
         # stop() sends one SIGTERM: the wrappers drain; a second signal would cut the drain short.
         wrapper_timeout = self.settings.DRAIN_TIMEOUT_S + WRAPPER_STOP_MARGIN_S
-        await asyncio.gather(*(w.stop(wrapper_timeout) for w in self.wrappers))
+        stopping = [asyncio.ensure_future(w.stop(wrapper_timeout)) for w in self.wrappers]
+        # Let every stop() send its SIGTERM first: once probes read "draining", the
+        # wrappers already refuse new requests.
+        await asyncio.sleep(0)
+        if drain:
+            self.board.enter(Phase.DRAINING)
+        await asyncio.gather(*stopping)
         if self.engine is not None:
             await self.engine.stop(ENGINE_STOP_TIMEOUT_S)
         log.info("stopped", extra={"exit_code": code})
