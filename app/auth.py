@@ -6,6 +6,7 @@ without downtime. Keys are compared in constant time and never logged.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from app.errors import APIError
@@ -19,18 +20,25 @@ class KeyCheck:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def verify(self, authorization: bytes | None) -> None:
-        """Raise 401 unless `authorization` is `Bearer <one of the keys>`."""
+    def verify(self, authorization: bytes | None) -> str | None:
+        """The key in `authorization` (`Bearer <key>`), or 401; None when no keys are configured."""
         if not self._keys:
-            return
+            return None
         if not authorization or not authorization[:7].lower() == b"bearer ":
             raise APIError(401, "Missing API key: send `Authorization: Bearer <API_KEY>`.", code="missing_api_key", cause="auth")
         presented = authorization[7:].strip()
-        matched = False
+        matched: bytes | None = None
         for key in self._keys:
-            matched |= hmac.compare_digest(presented, key)
-        if not matched:
+            if hmac.compare_digest(presented, key):
+                matched = key
+        if matched is None:
             raise APIError(401, "Invalid API key.", code="invalid_api_key", cause="auth")
+        return matched.decode()
+
+
+def owner_of(api_key: str | None) -> str:
+    """Who owns what a caller stores: a hash of their key (never the key), "" without keys."""
+    return "" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()
 
 
 def header(scope_headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

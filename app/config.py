@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     STREAM_IDLE_TIMEOUT_S: float = Field(120.0, gt=0, description="Longest silence between stream chunks.")
     SSE_KEEPALIVE_S: float = Field(15.0, gt=0, description="Interval of `: keep-alive` lines before the first token.")
     DRAIN_TIMEOUT_S: float = Field(30.0, ge=0, description="On SIGTERM, time given to in-flight requests to finish.")
+    HEADER_READ_TIMEOUT_S: float = Field(
+        10.0, gt=0, description="Longest time a client may take to send a request's headers; then the connection is closed."
+    )
+    BODY_READ_TIMEOUT_S: float = Field(
+        60.0, gt=0, description="Longest time a client may take to send a request's body (30 MB at 4 Mbit/s); then 408."
+    )
     MAX_TOKENS_CAP: int = Field(4096, ge=1, description="Upper bound on max_tokens for /generate.")
 
     # --- Media -----------------------------------------------------------

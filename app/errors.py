@@ -57,17 +57,35 @@ def unavailable(message: str, retry_after_s: float = 5.0, code: str = "unavailab
 
 def openai_error_body(status: int, body: bytes) -> bytes | None:
     """`body`, an engine's error answer, in the OpenAI shape; None when it already has it."""
-    try:
-        answer = json.loads(body)
-    except ValueError:
-        answer = None
+    answer = _json(body)
     if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
         return None
-    if isinstance(answer, dict) and "detail" in answer:
+    return engine_error(status, body).json_bytes()
+
+
+def engine_error(status: int, body: bytes) -> APIError:
+    """The engine's error answer (OpenAI shape, FastAPI's `detail`, or text) as an `APIError`."""
+    answer = _json(body)
+    code: str | None = None
+    param: str | None = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        error = answer["error"]
+        message = str(error.get("message") or "")
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+    elif isinstance(answer, dict) and "detail" in answer:
         message = _detail_message(answer["detail"])
     else:
         message = body.decode("utf-8", "replace").strip()
-    return APIError(status, message or f"The engine answered HTTP {status}.").json_bytes()
+    cause = "engine_error" if status >= 500 else "client_error"
+    return APIError(status, message or f"The engine answered HTTP {status}.", param=param, code=code, cause=cause)
+
+
+def _json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 def _detail_message(detail: object) -> str:

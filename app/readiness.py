@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,10 @@ class Snapshot:
 
 
 class Readiness:
-    def __init__(self, status_file: Path | None, engine_url: str) -> None:
+    def __init__(self, status_file: Path | None, engine_url: str, is_draining: Callable[[], bool]) -> None:
         self.status_file = status_file
         self.engine_url = engine_url
-        self.draining = False
+        self._is_draining = is_draining
         self._session: aiohttp.ClientSession | None = None
         self._checked_at = 0.0
         self._engine_ok = False
@@ -78,7 +79,7 @@ class Readiness:
 
     async def snapshot(self) -> Snapshot:
         status = self.lifecycle()
-        if self.draining:
+        if self._is_draining():
             return Snapshot(Phase.DRAINING.value, status, False)
         phase = status.phase.value if status else Phase.READY.value
         if phase != Phase.READY.value:

@@ -1,4 +1,4 @@
-"""Run one wrapper process: uvicorn serving `app.main:app`, with a graceful drain.
+"""Run one wrapper process: uvicorn serving the wrapper application, with a graceful drain.
 
 uvicorn's own shutdown stops accepting connections at once, which would turn
 load balancer probes and late requests into connection errors. Here the first
@@ -7,6 +7,9 @@ inference requests get 503 with `Retry-After`, in-flight requests get up to
 `DRAIN_TIMEOUT_S` to finish, and whatever is still running at the deadline
 ends with an error event rather than a silent cut. Only then does uvicorn
 stop. A second signal stops at once.
+
+uvicorn runs with a protocol that also bounds the time to receive a
+request's headers (`HEADER_READ_TIMEOUT_S`), which uvicorn itself does not.
 
 `PORT_HEALTH`, when it differs from `PORT`, is a second listening socket of
 the same app, so `/ping` answers there too.
@@ -17,27 +20,32 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import ConfigError, Settings, load_settings
+from app.errors import APIError
+from app.lifecycle.status import STATUS_FILE_ENV
+from app.main import create_app
 from app.observability.logging import configure_logging, install_secret_redaction, uvicorn_log_config
-from app.proxy.gateway import Gateway
+from app.services import Services
 
 log = logging.getLogger("app.serve")
-DRAIN_POLL_S = 0.05
-ABORT_GRACE_S = 2.0
+# After the drain, what uvicorn still waits for before it stops anyway.
+SHUTDOWN_GRACE_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, drain_timeout_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, services: Services) -> None:
         super().__init__(config)
-        self.gateway = gateway
-        self.drain_timeout_s = drain_timeout_s
+        self.services = services
         self._drain: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -50,30 +58,73 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         # Refuse new requests from the next one on, before the drain task first runs.
-        self.gateway.readiness.draining = True
-        self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
+        self.services.gateway.begin_drain()
+        log.info("stop requested", extra={"signal": signal.Signals(sig).name})
+        self._loop.call_soon_threadsafe(self._start_drain)
 
-    def _start_drain(self, signal_name: str) -> None:
+    def _start_drain(self) -> None:
         if self._drain is None:
-            self._drain = asyncio.ensure_future(self.drain(signal_name))
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
 
-    async def drain(self, reason: str) -> None:
-        gateway = self.gateway
-        gateway.readiness.draining = True
-        in_flight = gateway.admission.in_flight + gateway.admission.queued
-        log.info("draining", extra={"signal": reason, "in_flight": in_flight, "drain_timeout_s": self.drain_timeout_s})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.drain_timeout_s
-        while (gateway.admission.in_flight or gateway.admission.queued) and loop.time() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
-        unfinished = list(gateway.active)
-        if unfinished:
-            log.warning("drain deadline reached", extra={"unfinished_requests": len(unfinished)})
-            gateway.aborting = True
-            for task in unfinished:
-                task.cancel()
-            await asyncio.wait(unfinished, timeout=ABORT_GRACE_S)
+    async def _drain_then_exit(self) -> None:
+        await self.services.drain()
         self.should_exit = True
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers.
+
+    uvicorn bounds the idle time between requests (timeout_keep_alive), but not
+    the time a client takes to send a request's headers: one that trickles a
+    byte every few seconds would hold its connection forever (slowloris). Here
+    the headers must be complete HEADER_READ_TIMEOUT_S after the connection
+    opens, or after the first byte of a later request on it; otherwise the
+    client gets a 408 and the connection is closed. (The body has its own
+    deadline in the front door.)
+    """
+
+    header_timeout_s = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        body = APIError(
+            408, f"The request headers did not arrive within HEADER_READ_TIMEOUT_S={self.header_timeout_s:g}s.",
+            code="request_timeout",
+        ).json_bytes()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+
+def protocol_with_header_deadline(timeout_s: float) -> type[HeaderDeadlineProtocol]:
+    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": timeout_s})
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -96,6 +147,23 @@ def listening_sockets(settings: Settings) -> list[socket.socket]:
     return sockets
 
 
+def build_server(settings: Settings, status_file: Path | None = None, *, log_config: bool = True) -> DrainingServer:
+    """The wrapper's server, as `main` runs it (tests run it in-process with `log_config=False`)."""
+    services = Services.build(settings, status_file)
+    config = uvicorn.Config(
+        create_app(services),
+        loop="uvloop",
+        http=protocol_with_header_deadline(settings.HEADER_READ_TIMEOUT_S),
+        lifespan="on",
+        access_log=False,
+        log_config=uvicorn_log_config(settings.LOG_FORMAT, settings.LOG_LEVEL) if log_config else None,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        server_header=False,
+    )
+    return DrainingServer(config, services)
+
+
 def main() -> int:
     try:
         settings = load_settings()
@@ -104,24 +172,12 @@ def main() -> int:
         return 2
     configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
     install_secret_redaction(settings.secret_values)
-    from app.main import app  # imported after logging is configured
-
+    status_file = os.environ.get(STATUS_FILE_ENV)
+    server = build_server(settings, Path(status_file) if status_file else None)
     # Everything loaded so far lives as long as the process, and a request leaves
     # no reference cycles (tests/unit/test_proxy_in_process.py): keep the long-lived
     # objects out of the collector's scans.
     gc.freeze()
-
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=uvicorn_log_config(settings.LOG_FORMAT, settings.LOG_LEVEL),
-        timeout_keep_alive=30,
-        server_header=False,
-    )
-    server = DrainingServer(config, app.state.gateway, settings.DRAIN_TIMEOUT_S)
     server.run(sockets=listening_sockets(settings))
     return 0
 

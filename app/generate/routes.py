@@ -1,36 +1,33 @@
 """HTTP handlers of the simple-client API: `POST /generate` and `/conversations`.
 
-The handlers take their dependencies from `request.app.state`, which the
-application fills at start:
+`/generate` is a client of the same request path as `/v1`: the front door has
+checked its key, body size and read deadline and holds its engine slot; it
+reaches the engine through the one engine client, and answers through
+`serve_exchange` like the relay (keep-alives before the first token, an
+error event and `[DONE]` when a stream fails, 499 when the client leaves, the
+drain deadline's error event). What is its own: conversations, fitting their
+history into the context, and the reply's shape with its timings.
 
-- `settings`: the `Settings` (engine URL, served model name, limits, timeouts);
-- `upstream`: the `aiohttp.ClientSession` used to reach the engine;
-- `conversations`: the started `ConversationStore`, or None when storage is off;
-- `model_max_len`: the engine's context length in tokens, or None when unknown.
-
-When `request.state.record` holds the request's `RequestRecord`, `/generate`
-fills in the model, stream flag, first-token time and token counts for the
-request log. The handlers are plain functions on `router`, so the application
-can wrap them (auth, admission control, request log).
+Handlers get what they need from `GenerateService`, handed to `build_router`
+by the application; nothing comes from `app.state`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
-import aiohttp
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from starlette.responses import Response
 
 from app.config import Settings
 from app.errors import APIError
-from app.generate.engine import ChatMessage, ChatStream, count_prompt_tokens, open_chat_stream
+from app.generate.engine import ChatMessage, ChatStream, chat_stream, count_prompt_tokens
 from app.generate.history import FittedPrompt, fit_history
 from app.generate.json_reply import parse_json_reply
 from app.generate.schemas import (
@@ -46,15 +43,211 @@ from app.generate.schemas import (
 )
 from app.generate.store import Conversation, ConversationStore, ConversationStoreError
 from app.observability.record import RequestRecord
+from app.proxy.engine import EngineClient
+from app.proxy.reply import DONE, SSE_HEADERS, Reply, serve_exchange
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["simple client"])
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SSE_KEEPALIVE = b": keep-alive\n\n"
-SSE_END = b"data: [DONE]\n\n"
+JSON_HEADERS = [(b"content-type", b"application/json")]
 STORAGE_OFF = "Conversation storage is off (CONVERSATIONS_ENABLED=false)"
+
+
+class ExchangeResponse(Response):
+    """A FastAPI return value that hands the ASGI exchange to `serve_exchange`, like the relay."""
+
+    def __init__(self, work: Callable[[Reply], Awaitable[None]]) -> None:
+        self._work = work
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await serve_exchange(send, receive, scope["state"]["record"], self._work)
+
+
+class GenerateService:
+    """What `/generate` and `/conversations` need: the settings, the engine client, the store."""
+
+    def __init__(self, settings: Settings, engine: EngineClient, store: ConversationStore | None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+
+    async def generate(self, body: GenerateRequest, record: RequestRecord, reply: Reply) -> None:
+        settings = self.settings
+        record.model = settings.served_model_name
+        record.stream = body.stream
+        model_max_len = (await self.engine.facts()).get("max_model_len")
+        max_tokens = _effective_max_tokens(body.max_tokens, settings.MAX_TOKENS_CAP, model_max_len)
+        if model_max_len is not None and max_tokens >= model_max_len:
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} leaves no room for the prompt in the model's context of {model_max_len} "
+                "tokens: lower max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        conversation = await self._load(body.conversation_id)
+        conversation_id = body.conversation_id or (uuid.uuid4().hex if self.store is not None else None)
+        system = body.system if body.system is not None else (conversation.system if conversation else None)
+
+        async def count_tokens(messages: list[ChatMessage]) -> int:
+            return await count_prompt_tokens(self.engine, settings.served_model_name, messages)
+
+        fitted = await fit_history(
+            system,
+            conversation.messages() if conversation else [],
+            body.user_text,
+            None if model_max_len is None else model_max_len - max_tokens,
+            count_tokens,
+        )
+        engine_started = time.perf_counter()
+        pieces: list[str] = []
+        async with chat_stream(
+            self.engine, settings.served_model_name, fitted.messages, max_tokens, body.temperature
+        ) as chat:
+            if body.stream:
+                await reply.start(200, SSE_HEADERS)
+            async for text in chat.pieces(reply if body.stream else None, settings.SSE_KEEPALIVE_S):
+                if record.first_token_at is None:
+                    record.first_token_at = time.perf_counter()
+                pieces.append(text)
+                if body.stream:
+                    await reply.chunk(_event({"text": text}))
+        finished = time.perf_counter()
+        record.prompt_tokens, record.completion_tokens = chat.prompt_tokens, chat.completion_tokens
+        text = "".join(pieces)
+        if conversation_id is not None:
+            await self._store_exchange(conversation_id, body, text, create=conversation is None)
+        answer = self._answer(body, record, chat, fitted, text, conversation_id, max_tokens, model_max_len,
+                              engine_started, finished)
+        if body.stream:
+            await reply.finish(_event({"done": True, **answer.model_dump(mode="json")}) + DONE)
+        else:
+            await reply.start(200, JSON_HEADERS)
+            await reply.finish(answer.model_dump_json().encode())
+
+    def _answer(
+        self,
+        body: GenerateRequest,
+        record: RequestRecord,
+        chat: ChatStream,
+        fitted: FittedPrompt,
+        text: str,
+        conversation_id: str | None,
+        max_tokens: int,
+        model_max_len: int | None,
+        engine_started: float,
+        finished: float,
+    ) -> GenerateResponse:
+        done = time.perf_counter()
+        generation_s = finished - engine_started
+        tokens = chat.completion_tokens
+        is_json, value = parse_json_reply(text)
+        return GenerateResponse(
+            response=text,
+            conversation_id=conversation_id,
+            model_info=ModelInfo(name=self.settings.served_model_name, max_model_len=model_max_len),
+            finish_reason=chat.finish_reason,
+            total_ms=_ms(done - record.started),
+            ttft_ms=None if record.first_token_at is None else _ms(record.first_token_at - record.started),
+            generation_ms=_ms(generation_s),
+            prompt_tokens=chat.prompt_tokens,
+            tokens_generated=tokens,
+            tokens_per_second=round(tokens / generation_s, 2) if tokens and generation_s > 0 else None,
+            response_json=value,
+            response_is_json=is_json,
+            max_tokens=max_tokens,
+            max_tokens_clamped=body.max_tokens is not None and body.max_tokens > max_tokens,
+            history_truncated=fitted.truncated,
+        )
+
+    async def _load(self, conversation_id: str | None) -> Conversation | None:
+        if conversation_id is None:
+            return None
+        if self.store is None:
+            raise APIError(
+                400,
+                f"{STORAGE_OFF}: omit conversation_id, or set CONVERSATIONS_ENABLED=true on the server.",
+                param="conversation_id",
+                code="conversations_disabled",
+            )
+        with _store_errors():
+            conversation = await self.store.get(conversation_id)
+        if conversation is None:
+            raise _not_found(conversation_id, self.store)
+        return conversation
+
+    async def _store_exchange(self, conversation_id: str, body: GenerateRequest, text: str, create: bool) -> None:
+        assert self.store is not None
+        with _store_errors():
+            stored = await self.store.append_exchange(
+                conversation_id, body.system, body.user_text, text, create=create
+            )
+        if not stored:
+            log.info("Conversation %s was deleted while generating; turn dropped", conversation_id)
+
+    def require_store(self) -> ConversationStore:
+        if self.store is None:
+            raise APIError(
+                404, f"{STORAGE_OFF}; set CONVERSATIONS_ENABLED=true to keep conversations.",
+                code="conversations_disabled",
+            )
+        return self.store
+
+
+def build_router(service: GenerateService) -> APIRouter:
+    router = APIRouter(tags=["simple client"])
+
+    @router.post("/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        """Generate a reply to `prompt`, optionally continuing a stored conversation."""
+        record: RequestRecord = request.scope["state"]["record"]
+
+        async def work(reply: Reply) -> None:
+            await service.generate(body, record, reply)
+
+        return ExchangeResponse(work)
+
+    @router.get("/conversations", response_model=ConversationListOut)
+    async def list_conversations(
+        limit: int = Query(100, ge=1, le=1000, description="Most conversations to list."),
+    ) -> ConversationListOut:
+        """Stored conversations, most recently updated first."""
+        store = service.require_store()
+        with _store_errors():
+            summaries = await store.list_recent(limit)
+        return ConversationListOut(data=[
+            ConversationSummaryOut(id=s.id, created=s.created, updated=s.updated, turn_count=s.turn_count)
+            for s in summaries
+        ])
+
+    @router.get("/conversations/{conversation_id}", response_model=ConversationOut)
+    async def get_conversation(conversation_id: str) -> ConversationOut:
+        """One conversation with its turns in order."""
+        store = service.require_store()
+        with _store_errors():
+            conversation = await store.get(conversation_id)
+        if conversation is None:
+            raise _not_found(conversation_id, store)
+        return ConversationOut(
+            id=conversation.id,
+            created=conversation.created,
+            updated=conversation.updated,
+            turn_count=len(conversation.turns),
+            system=conversation.system,
+            turns=[TurnOut(role=t.role, content=t.content, created=t.created) for t in conversation.turns],
+        )
+
+    @router.delete("/conversations/{conversation_id}", response_model=ConversationDeletedOut)
+    async def delete_conversation(conversation_id: str) -> ConversationDeletedOut:
+        """Delete a conversation and its turns."""
+        store = service.require_store()
+        with _store_errors():
+            deleted = await store.delete(conversation_id)
+        if not deleted:
+            raise _not_found(conversation_id, store)
+        return ConversationDeletedOut(id=conversation_id)
+
+    return router
 
 
 @contextlib.contextmanager
@@ -64,17 +257,9 @@ def _store_errors() -> Iterator[None]:
         yield
     except ConversationStoreError as exc:
         raise APIError(
-            503, f"{exc}. Retry later.", code="conversation_store_unavailable", cause="unavailable"
+            503, f"{exc}. Retry later.", code="conversation_store_unavailable", cause="unavailable",
+            headers={"Retry-After": "5"},
         ) from exc
-
-
-def _require_store(request: Request) -> ConversationStore:
-    store: ConversationStore | None = request.app.state.conversations
-    if store is None:
-        raise APIError(
-            404, f"{STORAGE_OFF}; set CONVERSATIONS_ENABLED=true to keep conversations.", code="conversations_disabled"
-        )
-    return store
 
 
 def _not_found(conversation_id: str, store: ConversationStore) -> APIError:
@@ -99,247 +284,5 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 2)
 
 
-class _Generation:
-    """One /generate call from the open engine stream to the finished reply."""
-
-    def __init__(
-        self,
-        request: Request,
-        body: GenerateRequest,
-        chat: ChatStream,
-        fitted: FittedPrompt,
-        conversation_id: str | None,
-        is_new_conversation: bool,
-        max_tokens: int,
-        started: float,
-        engine_started: float,
-    ) -> None:
-        self._state = request.app.state
-        self._record = getattr(request.state, "record", None)
-        self._body = body
-        self._chat = chat
-        self._fitted = fitted
-        self._conversation_id = conversation_id
-        self._is_new_conversation = is_new_conversation
-        self._max_tokens = max_tokens
-        self._started = started
-        self._engine_started = engine_started
-        self._first_token_at: float | None = None
-        self._finished_at: float | None = None
-        self._pieces: list[str] = []
-
-    async def texts(self) -> AsyncIterator[str]:
-        async for text in self._chat.texts():
-            if self._first_token_at is None:
-                self._first_token_at = time.perf_counter()
-                if isinstance(self._record, RequestRecord):
-                    self._record.first_token_at = self._first_token_at
-            self._pieces.append(text)
-            yield text
-        self._finished_at = time.perf_counter()
-
-    def close(self) -> None:
-        self._chat.close()
-
-    def note_failure(self, error: APIError) -> None:
-        """A stream that fails after its 200 status still counts as failed in the request log."""
-        if isinstance(self._record, RequestRecord):
-            self._record.error_cause = error.cause
-
-    async def finish(self) -> GenerateResponse:
-        """Store the exchange (when the conversation is kept) and build the reply."""
-        text = "".join(self._pieces)
-        store: ConversationStore | None = self._state.conversations
-        if store is not None and self._conversation_id is not None:
-            with _store_errors():
-                stored = await store.append_exchange(
-                    self._conversation_id,
-                    self._body.system,
-                    self._body.user_text,
-                    text,
-                    create=self._is_new_conversation,
-                )
-            if not stored:
-                log.info("Conversation %s was deleted while generating; turn dropped", self._conversation_id)
-        done = time.perf_counter()
-        finished_at = self._finished_at or done
-        generation_s = finished_at - self._engine_started
-        tokens = self._chat.completion_tokens
-        if isinstance(self._record, RequestRecord):
-            self._record.prompt_tokens = self._chat.prompt_tokens
-            self._record.completion_tokens = tokens
-        settings: Settings = self._state.settings
-        is_json, value = parse_json_reply(text)
-        return GenerateResponse(
-            response=text,
-            conversation_id=self._conversation_id,
-            model_info=ModelInfo(name=settings.served_model_name, max_model_len=self._state.model_max_len),
-            finish_reason=self._chat.finish_reason,
-            total_ms=_ms(done - self._started),
-            ttft_ms=None if self._first_token_at is None else _ms(self._first_token_at - self._started),
-            generation_ms=_ms(generation_s),
-            prompt_tokens=self._chat.prompt_tokens,
-            tokens_generated=tokens,
-            tokens_per_second=round(tokens / generation_s, 2) if tokens and generation_s > 0 else None,
-            response_json=value,
-            response_is_json=is_json,
-            max_tokens=self._max_tokens,
-            max_tokens_clamped=self._body.max_tokens is not None and self._body.max_tokens > self._max_tokens,
-            history_truncated=self._fitted.truncated,
-        )
-
-
 def _event(payload: object) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
-
-
-async def _with_keepalive(pieces: AsyncIterator[str], interval_s: float) -> AsyncIterator[str | None]:
-    """Yield the pieces, and None each time `interval_s` passes without one (a slow prefill)."""
-    next_piece: asyncio.Future[str] = asyncio.ensure_future(anext(pieces))
-    try:
-        while True:
-            done, _ = await asyncio.wait({next_piece}, timeout=interval_s)
-            if not done:
-                yield None
-                continue
-            try:
-                text = next_piece.result()
-            except StopAsyncIteration:
-                return
-            yield text
-            next_piece = asyncio.ensure_future(anext(pieces))
-    finally:
-        next_piece.cancel()
-        await asyncio.wait({next_piece})
-
-
-async def _sse_events(generation: _Generation, keepalive_s: float) -> AsyncIterator[bytes]:
-    """`data: {"text"}` per piece, then `data: {"done": true, ...reply}` (or `data: {"error"}`), then `[DONE]`."""
-    try:
-        async for text in _with_keepalive(generation.texts(), keepalive_s):
-            yield SSE_KEEPALIVE if text is None else _event({"text": text})
-        reply = await generation.finish()
-        yield _event({"done": True, **reply.model_dump(mode="json")})
-    except APIError as exc:
-        generation.note_failure(exc)
-        yield _event(exc.body())
-    finally:
-        generation.close()
-    yield SSE_END
-
-
-async def _load_conversation(store: ConversationStore | None, conversation_id: str | None) -> Conversation | None:
-    if conversation_id is None:
-        return None
-    if store is None:
-        raise APIError(
-            400,
-            f"{STORAGE_OFF}: omit conversation_id, or set CONVERSATIONS_ENABLED=true on the server.",
-            param="conversation_id",
-            code="conversations_disabled",
-        )
-    with _store_errors():
-        conversation = await store.get(conversation_id)
-    if conversation is None:
-        raise _not_found(conversation_id, store)
-    return conversation
-
-
-@router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse | StreamingResponse:
-    """Generate a reply to `prompt`, optionally continuing a stored conversation."""
-    started = time.perf_counter()
-    state = request.app.state
-    settings: Settings = state.settings
-    store: ConversationStore | None = state.conversations
-    model_max_len: int | None = state.model_max_len
-    session: aiohttp.ClientSession = state.upstream
-    record = getattr(request.state, "record", None)
-    if isinstance(record, RequestRecord):
-        record.model = settings.served_model_name
-        record.stream = body.stream
-
-    max_tokens = _effective_max_tokens(body.max_tokens, settings.MAX_TOKENS_CAP, model_max_len)
-    if model_max_len is not None and max_tokens >= model_max_len:
-        raise APIError(
-            400,
-            f"max_tokens={max_tokens} leaves no room for the prompt in the model's context of {model_max_len} "
-            "tokens: lower max_tokens.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    conversation = await _load_conversation(store, body.conversation_id)
-    conversation_id = body.conversation_id or (uuid.uuid4().hex if store is not None else None)
-    system = body.system if body.system is not None else (conversation.system if conversation else None)
-    timeout = aiohttp.ClientTimeout(total=settings.REQUEST_TIMEOUT_S, sock_read=settings.STREAM_IDLE_TIMEOUT_S)
-
-    async def count_tokens(messages: list[ChatMessage]) -> int:
-        return await count_prompt_tokens(session, settings.engine_url, settings.served_model_name, messages, timeout)
-
-    fitted = await fit_history(
-        system,
-        conversation.messages() if conversation else [],
-        body.user_text,
-        None if model_max_len is None else model_max_len - max_tokens,
-        count_tokens,
-    )
-    engine_started = time.perf_counter()
-    chat = await open_chat_stream(
-        session, settings.engine_url, settings.served_model_name, fitted.messages, max_tokens, body.temperature, timeout
-    )
-    generation = _Generation(
-        request, body, chat, fitted, conversation_id, conversation is None, max_tokens, started, engine_started
-    )
-    if body.stream:
-        return StreamingResponse(
-            _sse_events(generation, settings.SSE_KEEPALIVE_S), media_type="text/event-stream", headers=SSE_HEADERS
-        )
-    try:
-        async for _ in generation.texts():
-            pass
-    finally:
-        generation.close()
-    return await generation.finish()
-
-
-@router.get("/conversations", response_model=ConversationListOut)
-async def list_conversations(
-    request: Request, limit: int = Query(100, ge=1, le=1000, description="Most conversations to list.")
-) -> ConversationListOut:
-    """Stored conversations, most recently updated first."""
-    store = _require_store(request)
-    with _store_errors():
-        summaries = await store.list_recent(limit)
-    return ConversationListOut(data=[
-        ConversationSummaryOut(id=s.id, created=s.created, updated=s.updated, turn_count=s.turn_count)
-        for s in summaries
-    ])
-
-
-@router.get("/conversations/{conversation_id}", response_model=ConversationOut)
-async def get_conversation(conversation_id: str, request: Request) -> ConversationOut:
-    """One conversation with its turns in order."""
-    store = _require_store(request)
-    with _store_errors():
-        conversation = await store.get(conversation_id)
-    if conversation is None:
-        raise _not_found(conversation_id, store)
-    return ConversationOut(
-        id=conversation.id,
-        created=conversation.created,
-        updated=conversation.updated,
-        turn_count=len(conversation.turns),
-        system=conversation.system,
-        turns=[TurnOut(role=t.role, content=t.content, created=t.created) for t in conversation.turns],
-    )
-
-
-@router.delete("/conversations/{conversation_id}", response_model=ConversationDeletedOut)
-async def delete_conversation(conversation_id: str, request: Request) -> ConversationDeletedOut:
-    """Delete a conversation and its turns."""
-    store = _require_store(request)
-    with _store_errors():
-        deleted = await store.delete(conversation_id)
-    if not deleted:
-        raise _not_found(conversation_id, store)
-    return ConversationDeletedOut(id=conversation_id)

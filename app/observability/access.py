@@ -1,14 +1,16 @@
 """One record, one metrics update and one log line for every request.
 
 The outermost middleware of the wrapper: it assigns the request id (honouring
-an incoming `X-Request-ID`), returns it as a response header, and when the
-request ends hands the filled `RequestRecord` to metrics and the log. Probe
-routes are logged at DEBUG so that load balancer polling does not bury the
-inference traffic.
+an incoming `X-Request-ID` of a safe form), returns it as a response header,
+and when the request ends hands the filled `RequestRecord` to metrics and the
+log. The route label comes from the front door's fixed table, so no client
+can add series. Probe routes are logged at DEBUG so that load balancer
+polling does not bury the inference traffic.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -17,20 +19,12 @@ from app.auth import header
 from app.observability import metrics
 from app.observability.record import RequestRecord
 from app.observability.request_log import log_request
+from app.routes import OTHER, PROBE_LABELS
 
-PROBE_PATHS = frozenset({"/ping", "/health", "/health/live", "/health/ready", "/metrics"})
-MAX_REQUEST_ID_LENGTH = 128
-
-
-def route_of(path: str) -> str:
-    """A bounded label for metrics: known routes as they are, everything else folded."""
-    if path.startswith("/v1/"):
-        return path if path.count("/") <= 3 else "/v1/other"
-    if path in PROBE_PATHS or path in ("/info", "/generate", "/conversations"):
-        return path
-    if path.startswith("/conversations/"):
-        return "/conversations/{id}"
-    return "other"
+# A client's X-Request-ID is kept when it is short and of a safe alphabet (it
+# reaches log lines and the engine); anything else is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+MAX_LOGGED_PATH = 256
 
 
 class AccessLog:
@@ -43,15 +37,14 @@ class AccessLog:
             return
         incoming = header(scope["headers"], b"x-request-id")
         request_id = (
-            incoming.decode("latin-1")[:MAX_REQUEST_ID_LENGTH] if incoming and incoming.isascii() else uuid.uuid4().hex
+            incoming.decode("ascii") if incoming and REQUEST_ID.fullmatch(incoming.decode("latin-1")) else uuid.uuid4().hex
         )
         client = scope.get("client")
-        path = scope["path"]
         record = RequestRecord(
             request_id=request_id,
-            method=scope["method"],
-            path=path,
-            route=route_of(path),
+            method=scope["method"][:16],
+            path=scope["path"][:MAX_LOGGED_PATH],
+            route=OTHER,  # the front door sets the route's label
             client=client[0] if client else None,
         )
         scope.setdefault("state", {})["record"] = record
@@ -72,4 +65,4 @@ class AccessLog:
             if record.finished is None:
                 record.finished = time.perf_counter()
             metrics.observe_request(record)
-            log_request(record, probe=path in PROBE_PATHS)
+            log_request(record, probe=record.route in PROBE_LABELS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from app.errors import APIError
 from app.observability import metrics
@@ -52,7 +53,7 @@ class Admission:
             async with asyncio.timeout(self.queue_timeout_s):
                 await waiter
         except BaseException as error:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release()  # a slot was handed over just as we gave up: pass it on
             if not isinstance(error, TimeoutError):
                 raise
@@ -68,6 +69,16 @@ class Admission:
                 self._waiters.remove(waiter)
             metrics.queue_left(time.perf_counter() - started)
         return time.perf_counter() - started
+
+    def reject_waiting(self, error: Callable[[], APIError]) -> int:
+        """Fail every waiting request with a new `error()` (the drain deadline); returns how many."""
+        rejected = 0
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error())
+                rejected += 1
+        return rejected
 
     def release(self) -> None:
         while self._waiters:

@@ -1,15 +1,12 @@
-"""`POST /generate` and `/conversations` over HTTP, against a fake engine.
+"""`POST /generate` and `/conversations` over HTTP, in front of a stand-in engine.
 
-`FakeEngine` stands in for the vLLM engine's OpenAI server so these tests run
-in seconds without a model: a small aiohttp server on 127.0.0.1 (ephemeral
-port) that streams deterministic replies word by word with a usage block, and
-counts tokens on `/tokenize` (one per word plus 4 per message). It records
-every request, so tests can check what the engine was sent. The end-to-end
-tests run the same routes against the real CPU engine.
-
-The app under test is a bare FastAPI app with the router, the two error
-handlers the real application registers, and `app.state` filled the way the
-application fills it.
+The wrapper runs in-process exactly as `app/serve.py` builds it (front door,
+`/generate`, the one engine client), in wrapper-only mode, in front of
+`tests.fake_engine.FakeEngine`: a stand-in for the engine's HTTP server that
+streams deterministic replies word by word with a usage block, counts tokens
+on `/tokenize` (one per word plus 4 per message) and records every request,
+so tests can check what the engine was sent. The end-to-end tests run the
+same routes against the real CPU engine.
 """
 
 from __future__ import annotations
@@ -19,122 +16,18 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
-from aiohttp import web
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
-from app.config import load_settings
-from app.errors import APIError
-from app.generate.routes import router
-from app.generate.store import SQLiteConversationStore
-from app.generate.validation import request_validation_error_handler
-from app.observability.record import RequestRecord
-
-SERVED_NAME = "fake-model"
-
-
-class FakeEngine:
-    def __init__(self) -> None:
-        self.chat_requests: list[dict[str, Any]] = []
-        self.tokenize_calls = 0
-        self.usage_sent: list[dict[str, int]] = []
-        self.reply: str | None = None  # None: "Echo: <last user message>"
-        self.first_token_delay_s = 0.0
-        self.piece_delay_s = 0.002
-        self.fail_mid_stream = False
-        self.aborted = 0  # streams the client side dropped before the end
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    @staticmethod
-    def count_tokens(messages: list[dict[str, str]]) -> int:
-        return sum(len(m["content"].split()) + 4 for m in messages)
-
-    def reply_for(self, messages: list[dict[str, str]]) -> str:
-        return self.reply if self.reply is not None else f"Echo: {messages[-1]['content']}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/tokenize", self._tokenize)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _tokenize(self, request: web.Request) -> web.Response:
-        payload = await request.json()
-        self.tokenize_calls += 1
-        return web.json_response({"count": self.count_tokens(payload["messages"]), "tokens": []})
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        payload = await request.json()
-        self.chat_requests.append(payload)
-        messages = payload["messages"]
-        if "REFUSE" in messages[-1]["content"]:
-            body = {"error": {"message": "This prompt is refused.", "type": "BadRequestError", "code": 400}}
-            return web.json_response(body, status=400)
-        pieces = re.findall(r"\S+\s*", self.reply_for(messages))
-        cut = len(pieces) > payload["max_tokens"]
-        pieces = pieces[: payload["max_tokens"]]
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-
-        async def send(data: object) -> None:
-            await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
-
-        await asyncio.sleep(self.first_token_delay_s)
-        try:
-            for piece in pieces:
-                await send({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-                await asyncio.sleep(self.piece_delay_s)
-        except ConnectionResetError:
-            self.aborted += 1
-            return response
-        if self.fail_mid_stream:
-            await send({"error": {"message": "engine crashed", "type": "InternalServerError", "code": 500}})
-            return response
-        await send({"choices": [{"index": 0, "delta": {}, "finish_reason": "length" if cut else "stop"}]})
-        if payload.get("stream_options", {}).get("include_usage"):
-            usage = {"prompt_tokens": self.count_tokens(messages), "completion_tokens": len(pieces)}
-            self.usage_sent.append(usage)
-            await send({"choices": [], "usage": usage})
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-
-async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
+from tests.fake_engine import SERVED_NAME, FakeEngine
+from tests.inprocess import Wrapper, running_wrapper
 
 Client = httpx.AsyncClient
+MakeWrapper = Callable[..., Awaitable[Wrapper]]
 MakeClient = Callable[..., Awaitable[Client]]
-MakeApp = Callable[..., Awaitable[FastAPI]]
-
-
-async def serve_over_tcp(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """Run `app` under uvicorn on an ephemeral 127.0.0.1 port (real sockets, real disconnects)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, f"http://127.0.0.1:{port}"
 
 
 @pytest_asyncio.fixture
@@ -145,61 +38,26 @@ async def engine() -> AsyncIterator[FakeEngine]:
     await fake.stop()
 
 
-@pytest.fixture
-def request_records() -> list[RequestRecord]:
-    """The RequestRecord of every request, as the application's request log would attach it."""
-    return []
-
-
 @pytest_asyncio.fixture
-async def make_app(
-    engine: FakeEngine, tmp_path: Path, request_records: list[RequestRecord]
-) -> AsyncIterator[MakeApp]:
-    """Build the app with the given settings (environment names), wired to the fake engine."""
+async def make_wrapper(engine: FakeEngine) -> AsyncIterator[MakeWrapper]:
+    """Start a wrapper with the given settings (environment names) in front of the fake engine."""
     async with AsyncExitStack() as stack:
 
-        async def make(model_max_len: int | None = 4096, **env: str) -> FastAPI:
-            settings = load_settings({
-                "ENGINE_URL": engine.url,
-                "SERVED_MODEL_NAME": SERVED_NAME,
-                "HF_HOME": str(tmp_path),
-                **env,
-            })
-            app = FastAPI()
-            app.include_router(router)
-            app.add_exception_handler(APIError, api_error_handler)  # type: ignore[arg-type]
-            app.add_exception_handler(RequestValidationError, request_validation_error_handler)  # type: ignore[arg-type]
-            app.state.settings = settings
-            app.state.upstream = await stack.enter_async_context(aiohttp.ClientSession())
-            app.state.model_max_len = model_max_len
-            app.state.conversations = None
-            if settings.CONVERSATIONS_ENABLED:
-                store = SQLiteConversationStore(tmp_path / "conversations.sqlite3", ttl_s=settings.CONVERSATIONS_TTL_S)
-                await store.start()
-                stack.push_async_callback(store.close)
-                app.state.conversations = store
-
-            @app.middleware("http")
-            async def attach_record(request: Request, call_next):  # type: ignore[no-untyped-def]
-                record = RequestRecord("rid", request.method, request.url.path, request.url.path, None)
-                request.state.record = record
-                request_records.append(record)
-                return await call_next(request)
-
-            return app
+        async def make(model_max_len: int | None = 4096, **env: str) -> Wrapper:
+            engine.max_model_len = model_max_len
+            return await stack.enter_async_context(running_wrapper(engine.url, **env))
 
         yield make
 
 
 @pytest_asyncio.fixture
-async def make_client(make_app: MakeApp) -> AsyncIterator[MakeClient]:
-    """Like make_app, and returns an in-process HTTP client for the app."""
+async def make_client(make_wrapper: MakeWrapper) -> AsyncIterator[MakeClient]:
+    """Like make_wrapper, and returns an HTTP client for it."""
     async with AsyncExitStack() as stack:
 
         async def make(model_max_len: int | None = 4096, **env: str) -> Client:
-            app = await make_app(model_max_len, **env)
-            transport = httpx.ASGITransport(app=app)
-            return await stack.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://wrapper"))
+            wrapper = await make_wrapper(model_max_len, **env)
+            return await stack.enter_async_context(wrapper.client())
 
         yield make
 
@@ -219,10 +77,9 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
 
 
 @pytest.mark.asyncio
-async def test_reply_with_timings_and_model_info(
-    make_client: MakeClient, engine: FakeEngine, request_records: list[RequestRecord]
-) -> None:
-    client = await make_client(model_max_len=2048)
+async def test_reply_with_timings_and_model_info(make_wrapper: MakeWrapper, engine: FakeEngine) -> None:
+    wrapper = await make_wrapper(model_max_len=2048)
+    client = wrapper.client()
     response = await client.post("/generate", json={"prompt": "What is the capital of France?", "max_tokens": 64})
     assert response.status_code == 200, response.text
     reply = response.json()
@@ -245,10 +102,10 @@ async def test_reply_with_timings_and_model_info(
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert sent["messages"] == [{"role": "user", "content": "What is the capital of France?"}]
 
-    [record] = request_records
-    assert record.model == SERVED_NAME and record.stream is False
-    assert record.completion_tokens == reply["tokens_generated"]
-    assert record.first_token_at is not None
+    [line] = [line for line in await wrapper.wait_for_lines(1) if line["path"] == "/generate"]
+    assert line["model"] == SERVED_NAME and line["stream"] is False and line["status"] == 200
+    assert line["completion_tokens"] == reply["tokens_generated"]
+    assert 0 < line["ttft_ms"] <= line["duration_ms"]
 
 
 @pytest.mark.asyncio
@@ -476,10 +333,9 @@ async def test_engine_refusal_is_passed_on(make_client: MakeClient) -> None:
 
 
 @pytest.mark.asyncio
-async def test_engine_failure_mid_stream_ends_with_an_error_event(
-    make_client: MakeClient, engine: FakeEngine, request_records: list[RequestRecord]
-) -> None:
-    client = await make_client()
+async def test_engine_failure_mid_stream_ends_with_an_error_event(make_wrapper: MakeWrapper, engine: FakeEngine) -> None:
+    wrapper = await make_wrapper()
+    client = wrapper.client()
     engine.fail_mid_stream = True
     response = await client.post("/generate", json={"prompt": "crash soon", "stream": True})
     events = sse_events(response.text)
@@ -487,33 +343,33 @@ async def test_engine_failure_mid_stream_ends_with_an_error_event(
     error = json.loads(events[-2])["error"]
     assert "engine crashed" in error["message"] and error["type"] == "engine_error"
     assert not any('"done"' in e for e in events)
-    assert request_records[-1].error_cause == "engine_error"
+    [line] = [line for line in await wrapper.wait_for_lines(1) if line["path"] == "/generate"]
+    assert line["error"] == "engine_error"
 
 
 @pytest.mark.asyncio
-async def test_client_leaving_mid_stream_aborts_the_engine_request(make_app: MakeApp, engine: FakeEngine) -> None:
-    app = await make_app()
+async def test_client_leaving_mid_stream_aborts_the_engine_request(make_wrapper: MakeWrapper, engine: FakeEngine) -> None:
+    wrapper = await make_wrapper()
     engine.reply = " ".join(f"w{i}" for i in range(200))
     engine.piece_delay_s = 0.02
-    server, task, url = await serve_over_tcp(app)
-    try:
-        async with (
-            httpx.AsyncClient(base_url=url) as client,
-            client.stream("POST", "/generate", json={"prompt": "long", "stream": True}) as response,
-        ):
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    break  # first text event; leave
-        for _ in range(100):
-            if engine.aborted:
-                break
-            await asyncio.sleep(0.02)
-        assert engine.aborted == 1
-        async with httpx.AsyncClient(base_url=url) as client:
-            assert (await client.get("/conversations")).json()["data"] == [], "an unfinished turn is not stored"
-    finally:
-        server.should_exit = True
-        await task
+    async with (
+        wrapper.client() as client,
+        client.stream("POST", "/generate", json={"prompt": "long", "stream": True}) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                break  # first text event; leave
+    await wait_until(lambda: engine.aborted == 1)
+    async with wrapper.client() as client:
+        assert (await client.get("/conversations")).json()["data"] == [], "an unfinished turn is not stored"
+    lines = await wrapper.wait_for_lines(2)
+    assert [line["status"] for line in lines if line["path"] == "/generate"] == [499]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
@@ -521,5 +377,5 @@ async def test_unreachable_engine_is_503(make_client: MakeClient, engine: FakeEn
     client = await make_client()
     await engine.stop()
     response = await client.post("/generate", json={"prompt": "anyone there?"})
-    assert assert_openai_error(response, 503)["code"] == "engine_unreachable"
+    assert assert_openai_error(response, 503)["code"] == "engine_unavailable"
     assert "Retry-After" in response.headers

@@ -15,12 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-import uvicorn
 from aiohttp import web
 
-from app.config import Settings
-from app.main import create_app
 from bench.fake_upstream import UpstreamConfig, start_server
+from tests.inprocess import running_wrapper
 from tests.unit.test_bench_loadgen import free_port
 
 SERVER_PACKAGES = {"app", "uvicorn", "aiohttp", "starlette", "fastapi"}
@@ -29,21 +27,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 @asynccontextmanager
 async def serving_wrapper(engine_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    """The wrapper's app under uvicorn with ENGINE_URL=`engine_url`, and a client for it."""
-    port = free_port()
-    settings = Settings(ENGINE_URL=engine_url, SERVED_MODEL_NAME="m")
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False)
-    server = uvicorn.Server(config)
-    serving = asyncio.ensure_future(server.serve())
-    try:
-        while not server.started:
-            assert not serving.done(), "the wrapper did not start"
-            await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await serving
+    """The wrapper in-process with ENGINE_URL=`engine_url`, and a client for it."""
+    async with running_wrapper(engine_url, SERVED_MODEL_NAME="m") as wrapper, wrapper.client(timeout=10) as client:
+        yield client
 
 
 def server_garbage() -> Counter[str]:

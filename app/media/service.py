@@ -1,0 +1,64 @@
+"""The media checks of one wrapper process: the policy, once the model is known, and the fetcher.
+
+The policy depends on what the served model takes (`detect_modalities` on
+its directory), which the supervisor learns only after the download; until
+then the limits alone decide. The fetcher's connection pool lives as long as
+the process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.config import Settings
+from app.media.chat import MediaCounts, prepare_chat_media
+from app.media.fetch import MediaFetcher
+from app.media.modalities import detect_modalities
+from app.media.policy import MediaPolicy
+from app.readiness import Readiness
+
+
+class MediaService:
+    def __init__(self, settings: Settings, readiness: Readiness) -> None:
+        self._settings = settings
+        self._readiness = readiness
+        self._policy: MediaPolicy | None = None
+        self._fetcher = MediaFetcher(MediaPolicy.from_settings(settings, frozenset()).urls)
+
+    async def start(self) -> None:
+        await self._fetcher.start()
+
+    async def close(self) -> None:
+        await self._fetcher.close()
+
+    async def prepare(self, route: str, payload: dict[str, Any]) -> MediaCounts:
+        """Check, count and inline the media of one request body (in place)."""
+        if not isinstance(payload.get("messages"), list):
+            return MediaCounts()
+        return await prepare_chat_media(payload, self.policy, self._fetcher)
+
+    @property
+    def policy(self) -> MediaPolicy:
+        """Built once the model is known; until then the limits alone decide."""
+        if self._policy is not None:
+            return self._policy
+        model_dir = self._model_dir()
+        policy = MediaPolicy.from_settings(self._settings, detect_modalities(model_dir))
+        if model_dir is not None or self._settings.ENGINE_URL:
+            self._policy = policy
+        return policy
+
+    def modalities(self) -> frozenset[str]:
+        """What clients may send: the model's modalities less those turned off (limit 0)."""
+        policy = self.policy
+        return frozenset(kind for kind in policy.modalities if kind == "text" or policy.accepts(kind))  # type: ignore[arg-type]
+
+    def _model_dir(self) -> Path | None:
+        """The local model directory, when this container runs the engine."""
+        if self._settings.ENGINE_URL:
+            return None
+        status = self._readiness.lifecycle()
+        if status and status.model_path:
+            return Path(status.model_path)
+        return Path(self._settings.MODEL_NAME) if self._settings.is_local_model else None

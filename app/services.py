@@ -1,0 +1,73 @@
+"""The long-lived parts of one wrapper process, built once and handed to who needs them.
+
+This is the composition root: the key check, the route table, engine slots
+and the drain (`Gateway`), the lifecycle view (`Readiness`), the engine
+client, the media checks, the relay and the conversation store are created
+here from the settings, started and closed together, and passed explicitly
+to the front door and the routes. Nothing is looked up in `app.state`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.auth import KeyCheck
+from app.config import Settings
+from app.generate.store import ConversationStore, build_store
+from app.media.service import MediaService
+from app.proxy.engine import EngineClient
+from app.proxy.gateway import Gateway
+from app.proxy.relay import Relay
+from app.readiness import Readiness
+from app.routes import RouteTable, build_route_table
+
+log = logging.getLogger("app.serve")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    keys: KeyCheck
+    routes: RouteTable
+    gateway: Gateway
+    readiness: Readiness
+    engine: EngineClient
+    media: MediaService
+    relay: Relay
+    store: ConversationStore | None
+
+    @classmethod
+    def build(cls, settings: Settings, status_file: Path | None = None) -> Services:
+        gateway = Gateway(settings)
+        readiness = Readiness(status_file, settings.engine_url, is_draining=lambda: gateway.draining)
+        engine = EngineClient(settings, readiness)
+        media = MediaService(settings, readiness)
+        return cls(
+            settings=settings,
+            keys=KeyCheck(settings.api_keys),
+            routes=build_route_table(),
+            gateway=gateway,
+            readiness=readiness,
+            engine=engine,
+            media=media,
+            relay=Relay(settings, engine, media),
+            store=build_store(settings),
+        )
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.media.start()
+        if self.store is not None:
+            await self.store.start()
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+        await self.media.close()
+        await self.engine.close()
+
+    async def drain(self) -> None:
+        """Let admitted requests finish (DRAIN_TIMEOUT_S), then end the rest with an error."""
+        await self.gateway.drain(abort=self.engine.abort_all)
