@@ -15,9 +15,8 @@ In order, from the cheapest check to the first costly step:
    BODY_READ_TIMEOUT_S, so a client that sends a byte every few seconds does
    not hold a connection and a slot for long.
 
-A request refused before its body was read is answered with `Connection:
-close`, so the server does not go on reading what the client still sends.
-Then the request goes to the engine relay, or to the wrapper's own routes
+What the server still reads of a body it refused unread is bounded by the
+server's protocol (`app.serve.GuardedHttpProtocol`). Then the request goes to the engine relay, or to the wrapper's own routes
 with the body handed over as it was read.
 """
 
@@ -78,23 +77,21 @@ class FrontDoor:
         route = self._routes.match(scope["path"])
         record: RequestRecord = scope["state"]["record"]
         record.route = route.label
-        body_pending = _has_body(scope["headers"])
         try:
             scope["state"][CALLER_STATE] = self._authorize(route, scope)
             _check_method(route, scope["method"])
             self._check_declared_size(scope["headers"])
             async with self._slot(route, record):
                 body = b""
-                if route.body != "none" and body_pending:
+                if route.body != "none" and _has_body(scope["headers"]):
                     body = await self._read_body(receive)
-                body_pending = False
                 if route.relayed:
                     await self._relay(scope, receive, send, route, body, record)
                 else:
                     await self.app(scope, _replay(body, receive), send)
         except APIError as error:
             record.error_cause = error.cause
-            await send_error(send, error, close_connection=body_pending)
+            await send_error(send, error)
         except ClientGone:
             record.status, record.error_cause = 499, "client_disconnected"
 

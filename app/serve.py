@@ -9,7 +9,8 @@ ends with an error event rather than a silent cut. Only then does uvicorn
 stop. A second signal stops at once.
 
 uvicorn runs with a protocol that also bounds the time to receive a
-request's headers (`HEADER_READ_TIMEOUT_S`), which uvicorn itself does not.
+request's headers (`HEADER_READ_TIMEOUT_S`) and what is read of a body the
+wrapper refused without reading (`GuardedHttpProtocol`).
 
 `PORT_HEALTH`, when it differs from `PORT`, is a second listening socket of
 the same app, so `/ping` answers there too.
@@ -24,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -40,6 +42,8 @@ from app.services import Services
 log = logging.getLogger("app.serve")
 # After the drain, what uvicorn still waits for before it stops anyway.
 SHUTDOWN_GRACE_S = 5.0
+# How much of a refused, unread body the server reads and discards, in MAX_REQUEST_BYTES.
+LINGER_BODIES = 4
 
 
 class DrainingServer(uvicorn.Server):
@@ -71,39 +75,75 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers.
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with two bounds uvicorn lacks.
 
-    uvicorn bounds the idle time between requests (timeout_keep_alive), but not
-    the time a client takes to send a request's headers: one that trickles a
-    byte every few seconds would hold its connection forever (slowloris). Here
-    the headers must be complete HEADER_READ_TIMEOUT_S after the connection
-    opens, or after the first byte of a later request on it; otherwise the
-    client gets a 408 and the connection is closed. (The body has its own
-    deadline in the front door.)
+    - Headers: uvicorn bounds the idle time between requests
+      (timeout_keep_alive), not the time a client takes to send a request's
+      headers; one that trickles a byte every few seconds would hold its
+      connection forever (slowloris). Here the headers must be complete
+      HEADER_READ_TIMEOUT_S after the connection opens, or after the first
+      byte of a later request on it; otherwise 408 and the connection closes.
+    - A body left unread: when the wrapper refuses a request before reading
+      its body (401, 413, 429, ...), uvicorn reads and discards the rest so
+      the client, still sending, can read the answer (most HTTP clients only
+      read it once they have sent everything). Here that lingering is bounded:
+      at most LINGER_BODIES times MAX_REQUEST_BYTES more (so a file somewhat
+      over the limit still gets its 413 rather than a reset), within
+      BODY_READ_TIMEOUT_S; then the connection closes.
+
+    The body the wrapper does read has its deadline in the front door.
     """
 
     header_timeout_s = 10.0
+    linger_bytes = 30 * 1024 * 1024
+    linger_timeout_s = 60.0
     _deadline: asyncio.TimerHandle | None = None
+    _lingering = False
+    _discarded = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        self._arm(self.header_timeout_s, self._headers_too_slow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._deadline is None:
-            self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+            self._arm(self.header_timeout_s, self._headers_too_slow)
 
     def on_headers_complete(self) -> None:
-        self._cancel_deadline()
+        self._disarm()
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if self._lingering:
+            self._discarded += len(body)
+            if self._discarded > self.linger_bytes:
+                self.transport.close()
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._lingering:
+            self._lingering = False
+            self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            self._lingering, self._discarded = True, 0
+            self._arm(self.linger_timeout_s, self.transport.close)
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadline()
+        self._disarm()
         super().connection_lost(exc)
 
-    def _cancel_deadline(self) -> None:
+    def _arm(self, delay_s: float, callback: Callable[[], object]) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(delay_s, callback)
+
+    def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -123,13 +163,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_with_header_deadline(timeout_s: float) -> type[HeaderDeadlineProtocol]:
-    return type("HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": timeout_s})
+def guarded_protocol(settings: Settings) -> type[GuardedHttpProtocol]:
+    """The protocol class with this server's limits (uvicorn builds one instance per connection)."""
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {
+        "header_timeout_s": settings.HEADER_READ_TIMEOUT_S,
+        "linger_bytes": LINGER_BODIES * settings.MAX_REQUEST_BYTES,
+        "linger_timeout_s": settings.BODY_READ_TIMEOUT_S,
+    })
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP
+    # (uvloop does it anyway); with Nagle on, a response's body waits for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -153,7 +200,7 @@ def build_server(settings: Settings, status_file: Path | None = None, *, log_con
     config = uvicorn.Config(
         create_app(services),
         loop="uvloop",
-        http=protocol_with_header_deadline(settings.HEADER_READ_TIMEOUT_S),
+        http=guarded_protocol(settings),
         lifespan="on",
         access_log=False,
         log_config=uvicorn_log_config(settings.LOG_FORMAT, settings.LOG_LEVEL) if log_config else None,

@@ -74,8 +74,9 @@ class FakeEngine:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/v1/audio/transcriptions", self._transcription)
+        app.router.add_get("/v1/responses/{id}", self._redirect_response)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -107,6 +108,10 @@ class FakeEngine:
     async def _redirect_models(self, request: web.Request) -> web.Response:
         await self._record(request)
         raise web.HTTPTemporaryRedirect(f"{self.url}/v1/models")
+
+    async def _redirect_response(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        raise web.HTTPTemporaryRedirect(f"{self.url}{request.path}?moved=1")
 
     async def _unknown(self, request: web.Request) -> web.Response:
         await self._record(request)

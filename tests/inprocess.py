@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ import httpx
 
 from app.config import Settings, load_settings
 from app.observability.request_log import ACCESS_LOGGER
-from app.serve import DrainingServer, build_server
+from app.serve import DrainingServer, bind, build_server
 
 
 class _Collect(logging.Handler):
@@ -69,10 +68,7 @@ async def running_wrapper(engine_url: str, **env: str) -> AsyncIterator[Wrapper]
 @asynccontextmanager
 async def _serving(settings: Settings) -> AsyncIterator[Wrapper]:
     server = build_server(settings, log_config=False)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock = bind("127.0.0.1", 0, reuse_port=False)
     port = sock.getsockname()[1]
     access = _Collect()
     logger = logging.getLogger(ACCESS_LOGGER)

@@ -24,7 +24,6 @@ from app.routes import OTHER, PROBE_LABELS
 # A client's X-Request-ID is kept when it is short and of a safe alphabet (it
 # reaches log lines and the engine); anything else is replaced.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-MAX_LOGGED_PATH = 256
 
 
 class AccessLog:
@@ -36,14 +35,14 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         incoming = header(scope["headers"], b"x-request-id")
-        request_id = (
-            incoming.decode("ascii") if incoming and REQUEST_ID.fullmatch(incoming.decode("latin-1")) else uuid.uuid4().hex
-        )
+        request_id = incoming.decode("latin-1") if incoming else ""
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         client = scope.get("client")
         record = RequestRecord(
             request_id=request_id,
             method=scope["method"][:16],
-            path=scope["path"][:MAX_LOGGED_PATH],
+            path=scope["path"],
             route=OTHER,  # the front door sets the route's label
             client=client[0] if client else None,
         )

@@ -61,6 +61,7 @@ MEDIA_MODALITIES = ("image", "video")
 # Clients choose the `model` they send; past this many names per process, new
 # names are counted as OTHER_MODEL so a client cannot grow the series without bound.
 MAX_MODEL_LABELS = 32
+MAX_MODEL_LABEL_LENGTH = 128
 OTHER_MODEL = "other"
 ENGINE_METRICS_TIMEOUT_S = 1.0
 
@@ -159,7 +160,7 @@ class WrapperMetrics:
         if model in self._models:
             return model
         # Only names the engine accepted earn their own series.
-        if status < 400 and len(self._models) < MAX_MODEL_LABELS:
+        if status < 400 and len(self._models) < MAX_MODEL_LABELS and len(model) <= MAX_MODEL_LABEL_LENGTH:
             self._models.add(model)
             return model
         return OTHER_MODEL

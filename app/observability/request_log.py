@@ -17,6 +17,14 @@ ACCESS_LOGGER = "app.access"
 _access_logger = logging.getLogger(ACCESS_LOGGER)
 
 
+# Clients choose the path and the model name; a log line carries at most this much of each.
+MAX_CLIENT_VALUE = 256
+
+
+def _capped(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_CLIENT_VALUE else value[:MAX_CLIENT_VALUE] + "…"
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 1)
 
@@ -27,9 +35,9 @@ def request_summary(record: RequestRecord) -> dict[str, object]:
     fields: dict[str, object] = {
         "request_id": record.request_id,
         "method": record.method,
-        "path": record.path,
+        "path": _capped(record.path),
         "status": record.status,
-        "model": record.model,
+        "model": _capped(record.model),
         "stream": record.stream,
         "duration_ms": _ms(record.duration_s),
         "ttft_ms": _ms(record.ttft_s),

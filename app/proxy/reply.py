@@ -138,17 +138,10 @@ async def serve_exchange(
         reply.close()
 
 
-async def send_error(send: Any, error: APIError, close_connection: bool = False) -> None:
-    """The whole response: `error` as a JSON body.
-
-    `close_connection` when the request's body was not read (refused early):
-    the server then closes the connection instead of reading and discarding
-    what the client is still sending.
-    """
+async def send_error(send: Any, error: APIError) -> None:
+    """The whole response: `error` as a JSON body."""
     body = error.json_bytes()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
-    if close_connection:
-        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -7,14 +7,15 @@ takes that extra event back out of the byte stream before relaying, so the
 client receives exactly the stream it asked for.
 
 Per chunk this costs a suffix test and a substring search; events are only
-split and parsed in the one chunk that carries the usage block.
+split and parsed in a chunk that mentions `"usage"` (the one with the usage
+block, or each chunk with per-chunk usage when the client asked for it).
 """
 
 from __future__ import annotations
 
 import json
 
-USAGE_KEY = b'"usage":{'
+USAGE_KEY = b'"usage"'
 EVENT_END = b"\n\n"
 
 
@@ -36,33 +37,37 @@ class UsageFilter:
         start = chunk.find(USAGE_KEY)
         if start < 0:
             return chunk
-        event_start = chunk.rfind(EVENT_END, 0, start)
-        event_start = 0 if event_start < 0 else event_start + len(EVENT_END)
-        event_end = chunk.find(EVENT_END, start) + len(EVENT_END)
-        self._read_usage(chunk[event_start:event_end])
-        if self.strip:
-            return chunk[:event_start] + chunk[event_end:]
-        return chunk
+        kept: list[bytes] = []
+        for event in chunk.split(EVENT_END)[:-1]:
+            usage_event = USAGE_KEY in event and self._read_usage(event)
+            if not (usage_event and self.strip):
+                kept.append(event + EVENT_END)
+        return b"".join(kept)
 
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return held
 
-    def _read_usage(self, event: bytes) -> None:
+    def _read_usage(self, event: bytes) -> bool:
+        """Read the token counts of an event that carries a usage block; False when it has none."""
         for line in event.split(b"\n"):
             if not line.startswith(b"data:"):
                 continue
             try:
-                usage = json.loads(line[5:]).get("usage") or {}
+                usage = json.loads(line[5:]).get("usage")
             except (ValueError, AttributeError):
-                return
+                return False
+            if not isinstance(usage, dict):
+                return False
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
             self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+            return True
+        return False
 
 
 def read_json_usage(body: bytes) -> tuple[int | None, int | None]:
     """(prompt_tokens, completion_tokens) of a non-streaming JSON reply."""
-    if USAGE_KEY[:-1] not in body:
+    if USAGE_KEY not in body:
         return None, None
     try:
         usage = json.loads(body).get("usage") or {}

@@ -49,3 +49,19 @@ def test_non_streaming_usage() -> None:
     body = json.dumps({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}}).encode()
     assert read_json_usage(body) == (4, 9)
     assert read_json_usage(b'{"object":"list"}') == (None, None)
+
+
+def test_usage_written_with_spaces_is_read_and_removed() -> None:
+    """Engines behind ENGINE_URL may write JSON with spaces; the block is found all the same."""
+    spaced = b'data: {"id": "c", "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}\n\n'
+    out, usage = relay([CHUNK, spaced, DONE], strip=True)
+    assert out == CHUNK + DONE
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 3)
+
+
+def test_per_chunk_usage_is_kept_when_asked_for_and_the_last_counts() -> None:
+    first = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":7,"completion_tokens":1}}\n\n'
+    second = b'data: {"choices":[{"delta":{"content":"b"}}],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+    out, usage = relay([first + second, DONE], strip=False)
+    assert out == first + second + DONE
+    assert usage.completion_tokens == 2
