@@ -6,7 +6,8 @@ allocations beyond the chunk itself. In order, a request is:
 
 1. authenticated (`API_KEY`) and refused early while the server drains;
 2. read up to `MAX_REQUEST_BYTES`;
-3. for JSON bodies: media parts checked and normalised, and for streams the
+3. for JSON bodies: media checked and normalised on every route
+   (`app.media.prepare_media`), and for streams the
    engine is asked for a usage block (stripped again if the client did not
    ask for one);
 4. admitted by the backpressure queue;
@@ -31,7 +32,7 @@ from yarl import URL
 
 from app.auth import header
 from app.errors import APIError, openai_error_body, unavailable
-from app.media import prepare_chat_media
+from app.media import MEDIA_ROUTES, prepare_media
 from app.observability import metrics
 from app.observability.record import RequestRecord
 from app.proxy.gateway import Gateway
@@ -104,11 +105,11 @@ class V1Proxy:
         model = payload.get("model")
         if isinstance(model, str):
             record.model = model
-        changed = False
-        if isinstance(payload.get("messages"), list):  # chat, and the routes that take chat messages
-            counts = await prepare_chat_media(payload, self.gateway.media_policy, self.gateway.media_fetcher)
-            record.text_parts, record.images, record.videos = counts.text, counts.image, counts.video
-            changed = counts.changed
+        if scope["path"] not in MEDIA_ROUTES:
+            raise APIError(404, f"{scope['path']} is not served by this server.", code="unknown_route")
+        counts = await prepare_media(scope["path"], payload, self.gateway.media_policy, self.gateway.media_fetcher)
+        record.text_parts, record.images, record.videos = counts.text, counts.image, counts.video
+        changed = counts.changed
         client_usage = False
         if payload.get("stream") is True and scope["path"] in GENERATION_PATHS:
             record.stream = True
