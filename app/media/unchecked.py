@@ -37,6 +37,7 @@ SCHEMA_FIELDS = frozenset(
      "ec_transfer_params", "output_config", "logit_bias"}
 )  # fmt: skip
 
+_CONTAINERS = (dict, list)
 # A path as (parent, key) links, turned into a string only for an error.
 Path = tuple[Any, str | int] | None
 
@@ -49,9 +50,9 @@ def refuse_unchecked_media(payload: dict[str, Any], walk: Walk, hint: str) -> No
     ]
     while stack:
         value, path = stack.pop()
+        if walk.vouched(value):
+            continue
         if isinstance(value, dict):
-            if walk.vouched(value):
-                continue
             _check_object(value, path, hint)
             stack.extend((child, (path, key)) for key, child in value.items() if _container(child))
         else:
@@ -59,7 +60,7 @@ def refuse_unchecked_media(payload: dict[str, Any], walk: Walk, hint: str) -> No
 
 
 def _container(value: Any) -> bool:
-    return isinstance(value, (dict, list))
+    return isinstance(value, _CONTAINERS)
 
 
 def _check_object(value: dict[str, Any], path: Path, hint: str) -> None:

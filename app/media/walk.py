@@ -43,9 +43,9 @@ class Walk:
     changed: bool = False
     _vouched: set[int] = field(default_factory=set)
 
-    def vouch(self, container: dict[str, Any]) -> None:
+    def vouch(self, container: dict[str, Any] | list[Any]) -> None:
         """`container` was read completely by a walker: the fail-closed scan skips it."""
         self._vouched.add(id(container))
 
-    def vouched(self, container: dict[str, Any]) -> bool:
+    def vouched(self, container: dict[str, Any] | list[Any]) -> bool:
         return id(container) in self._vouched

@@ -72,11 +72,17 @@ def walk_completions(payload: dict[str, Any], walk: Walk) -> None:
             "Send the prompt as text or token ids.",
             param="prompt_embeds",
         )
+    if _token_ids_or_strings(payload.get("prompt")):
+        walk.vouch(payload["prompt"])
 
 
 def walk_pooling(payload: dict[str, Any], walk: Walk) -> None:
     visit_conversations(payload.get("messages"), "messages", walk)
-    visit_conversations(payload.get("input"), "input", walk)
+    inputs = payload.get("input")
+    if _token_ids_or_strings(inputs):
+        walk.vouch(inputs)
+    else:
+        visit_conversations(inputs, "input", walk)
 
 
 def walk_pooling_plugin(payload: dict[str, Any], walk: Walk) -> None:
@@ -104,6 +110,18 @@ def walk_scoring(payload: dict[str, Any], walk: Walk) -> None:
 
 def walk_nothing(payload: dict[str, Any], walk: Walk) -> None:
     """Routes whose request has no media field: the fail-closed scan alone decides."""
+
+
+def _token_ids_or_strings(value: Any) -> bool:
+    """A prompt list of token ids, token-id lists or strings: thousands of items the scan need not visit.
+
+    The engine's models take such a list only when every item has the first one's type, so a
+    list that starts like this can carry no media to the engine.
+    """
+    if not isinstance(value, list) or not value:
+        return False
+    first = value[0]
+    return isinstance(first, (int, str)) or (isinstance(first, list) and bool(first) and isinstance(first[0], int))
 
 
 def _visit_score_input(value: dict[str, Any], path: str, walk: Walk) -> None:
