@@ -144,6 +144,13 @@ class Settings(BaseSettings):
     MAX_IMAGE_SIDE: int = Field(
         2048, ge=0, description="Images with a longer side are downscaled before the engine (0: off)."
     )
+    MAX_VIDEO_PIXELS: int = Field(
+        1920 * 1080, ge=1, description="Largest video frame (pixels per frame, 1080p by default); bigger is refused."
+    )
+    MAX_VIDEO_FRAMES: int = Field(
+        9000, ge=1, description="Most frames a video may have (the engine decodes up to all of them); more is refused."
+    )
+    MAX_VIDEO_SECONDS: float = Field(300.0, gt=0, description="Longest video (seconds); longer is refused.")
     ALLOWED_MEDIA_DOMAINS: str = Field("", description="Comma-separated hosts media URLs may use (empty: any public host).")
     ALLOW_PRIVATE_MEDIA_URLS: bool = Field(
         False, description="Allow media URLs on loopback, private and link-local addresses (cloud metadata addresses stay refused)."

@@ -5,8 +5,8 @@ HTTP: redirects, slow answers, error statuses, bodies that lie about their
 size. `MediaServer` serves all of that on 127.0.0.1 (an ephemeral port), and
 `StaticResolver` maps test host names such as `images.example.test` to it,
 one scripted DNS answer after another (to play DNS rebinding). The sample
-media builders make real PNG/JPEG/WebP/GIF images and MP4 videos, plus a
-small PNG whose header claims a huge size.
+media builders make real PNG/JPEG/WebP/GIF images and MP4/WebM/AVI/MPEG-TS
+videos, plus a small PNG whose header claims a huge size.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class MediaServer:
     """Serves registered paths; records every request it gets."""
 
     requests: list[ServedRequest] = field(default_factory=list)
+    # Requests being answered right now, and the most there ever were at once.
+    in_flight: int = 0
+    max_in_flight: int = 0
     _routes: dict[str, Handler] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
     port: int = 0
@@ -88,6 +91,16 @@ class MediaServer:
 
         self._routes[path] = handler
 
+    def add_gated(self, path: str, body: bytes, content_type: str, gate: asyncio.Event, delay_s: float = 0) -> None:
+        """`body`, answered only once `gate` is set, then after `delay_s`."""
+
+        async def handler(_: web.Request) -> web.StreamResponse:
+            await gate.wait()
+            await asyncio.sleep(delay_s)
+            return web.Response(body=body, content_type=content_type)
+
+        self._routes[path] = handler
+
     def add_stream(self, path: str, total_bytes: int, *, declare_length: bool) -> None:
         """A body of `total_bytes`, sent in chunks, with or without a Content-Length."""
 
@@ -112,7 +125,12 @@ class MediaServer:
         handler = self._routes.get(request.path)
         if handler is None:
             raise web.HTTPNotFound()
-        return await handler(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
 
 
 class StaticResolver(AbstractResolver):
@@ -172,17 +190,25 @@ def png_claiming_size(width: int, height: int) -> bytes:
 
 def sample_mp4(frames: int = 4, size: tuple[int, int] = (32, 32)) -> bytes:
     """A real H.264 MP4 of a few frames."""
-    import av  # dev requirement; imported here so that image-only tests do not need it
+    return sample_video(frames=frames, size=size)
+
+
+VIDEO_CODECS = {"mp4": "libx264", "webm": "libvpx", "avi": "mpeg4", "mpegts": "mpeg2video"}
+
+
+def sample_video(container: str = "mp4", frames: int = 4, size: tuple[int, int] = (32, 32), fps: int = 4) -> bytes:
+    """A real video of `frames` frames at `fps`, in one of VIDEO_CODECS' containers."""
+    import av  # imported here so that image-only tests do not load FFmpeg
 
     buffer = BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(4))
+    with av.open(buffer, mode="w", format=container) as output:
+        stream = output.add_stream(VIDEO_CODECS[container], rate=Fraction(fps))
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
         for index in range(frames):
             frame = av.VideoFrame.from_image(Image.new("RGB", size, (index * 60 % 256, 80, 160)))
             for packet in stream.encode(frame):
-                container.mux(packet)
+                output.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
+            output.mux(packet)
     return buffer.getvalue()

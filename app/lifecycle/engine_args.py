@@ -21,6 +21,8 @@ from pathlib import Path
 from app.config import ConfigError, Settings
 
 
+# The only host the engine may fetch media from: a reserved name (RFC 2606) that never
+# resolves, so the engine fetches nothing. Split layouts (compose, Kubernetes) pass it too.
 ENGINE_MEDIA_DOMAIN = "media-fetch.invalid"
 
 # Engine flags that take a setting's value as it is (skipped when the setting is unset).
@@ -90,9 +92,9 @@ def build_engine_args(
     }
     if media_limits:
         args += ["--limit-mm-per-prompt", json.dumps(media_limits, separators=(",", ":"))]
-        # The wrapper fetches media itself (SSRF checks) and forwards data: URLs; the
-        # engine is told to fetch nothing, for the routes the wrapper does not inspect.
-        args += ["--allowed-media-domains", ENGINE_MEDIA_DOMAIN]
+    # The wrapper fetches media itself (SSRF checks) and forwards data: URLs; the engine
+    # is told to fetch nothing, whatever the model (modality detection can be wrong).
+    args += ["--allowed-media-domains", ENGINE_MEDIA_DOMAIN]
 
     if settings.TRUST_REMOTE_CODE:
         args.append("--trust-remote-code")
@@ -113,7 +115,8 @@ def engine_env(settings: Settings, device: str, base: Mapping[str, str] | None =
     """The engine's environment: the caller's, plus what the CPU build needs."""
     env = dict(os.environ if base is None else base)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    env.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
+    # Belt and braces with --allowed-media-domains: a media fetch never follows a redirect.
+    env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
     if device == "cpu":
         # The CPU build binds its internal queues to the external address and asks
         # for 92% of the NUMA node's memory unless told otherwise.

@@ -20,6 +20,14 @@ class DataUrl:
     media_type: str
     payload: str
 
+    @classmethod
+    def encode(cls, media_type: str, data: bytes) -> DataUrl:
+        return cls(media_type, base64.b64encode(data).decode("ascii"))
+
+    @property
+    def url(self) -> str:
+        return f"data:{self.media_type};base64,{self.payload}"
+
     @property
     def decoded_size(self) -> int:
         """Bytes the payload decodes to, computed from its length alone."""
@@ -47,7 +55,3 @@ def decode_base64(payload: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, "The data: URL payload is not valid base64.") from None
-
-
-def build_data_url(media_type: str, data: bytes) -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"

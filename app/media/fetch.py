@@ -21,6 +21,8 @@ How a fetch stays on validated addresses:
 - The body is read in chunks and cut off above the size limit (also when a
   Content-Length announces it); the whole fetch, redirects included, is
   bounded by MEDIA_FETCH_TIMEOUT_S.
+- One host gets at most FETCH_CONNECTIONS_PER_HOST connections of the pool
+  (`app.media.pool`), so a slow host cannot hold every connection.
 
 Errors are 400s that name the host, never the full URL (its query string
 may carry a signed token); a body over the limit is a 413.
@@ -39,6 +41,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from app.errors import APIError
+from app.media.pool import FETCH_CONNECTIONS, FETCH_CONNECTIONS_PER_HOST
 from app.media.url_rules import UrlPolicy, check_address, check_url
 
 MAX_REDIRECTS = 5
@@ -62,7 +65,12 @@ class MediaFetcher:
 
     async def start(self) -> None:
         resolver = _CheckedResolver(self._resolver or aiohttp.ThreadedResolver(), self.policy)
-        connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
+        connector = aiohttp.TCPConnector(
+            resolver=resolver,
+            use_dns_cache=False,
+            limit=FETCH_CONNECTIONS,
+            limit_per_host=FETCH_CONNECTIONS_PER_HOST,
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),

@@ -16,8 +16,8 @@ memory. Here, in a worker thread of the wrapper:
   its aspect ratio, and re-encoded (PNG stays PNG, JPEG stays JPEG, WebP stays
   WebP, GIF becomes PNG). Smaller images are forwarded byte for byte.
 
-The functions here are blocking and CPU-bound: callers run them with
-`asyncio.to_thread`.
+The functions here are blocking and CPU-bound: callers run them in the
+bounded media pool (`app.media.pool`).
 """
 
 from __future__ import annotations
@@ -62,25 +62,35 @@ def check_image(data: bytes, *, max_pixels: int, max_side: int) -> CheckedImage:
         return _downscale(image, source_format, max_side)
 
 
-def open_image(data: bytes, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
-    """Open an image lazily (header only) and refuse it if it has too many pixels."""
+def open_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    formats: tuple[str, ...],
+    pixel_setting: str = "MAX_IMAGE_PIXELS",
+    what: str = "image",
+) -> Image.Image:
+    """Open an image lazily (header only) and refuse it if it has too many pixels.
+
+    `pixel_setting` and `what` name the limit and the thing in refusals (video frames reuse this).
+    """
     try:
         image = Image.open(BytesIO(data), formats=formats)
     except Image.DecompressionBombError:
         raise APIError(
-            400, f"The image has too many pixels to decode safely; at most MAX_IMAGE_PIXELS={max_pixels} are allowed."
+            400, f"The {what} has too many pixels to decode safely; at most {pixel_setting}={max_pixels} are allowed."
         ) from None
     except (OSError, ValueError):
         names = [FORMAT_NAMES[name] for name in formats]
         listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-        raise APIError(400, f"The image is not a valid {listed} file; convert it to one of these formats.") from None
+        raise APIError(400, f"The {what} is not a valid {listed} file; convert it to one of these formats.") from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
         raise APIError(
             400,
-            f"The image is {width}x{height} ({width * height} pixels), more than MAX_IMAGE_PIXELS={max_pixels}; "
-            "send a smaller image.",
+            f"The {what} is {width}x{height} ({width * height} pixels), more than {pixel_setting}={max_pixels}; "
+            f"send a smaller {what}.",
         )
     return image
 

@@ -1,9 +1,9 @@
 """The media limits of one server, resolved once at start.
 
-Settings (IMAGE_LIMIT, MAX_IMAGE_BYTES, ...) and what the served model can
-take (`detect_modalities`) are combined here into one frozen object, so the
-per-request code in `app.media.chat` reads plain attributes and never
-re-derives anything on the hot path.
+Settings (IMAGE_LIMIT, MAX_IMAGE_BYTES, MAX_VIDEO_FRAMES, ...) and what the
+served model can take (`detect_modalities`) are combined here into one
+frozen object, so the per-request code in `app.media` reads plain
+attributes and never re-derives anything on the hot path.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Literal
 
 from app.config import Settings
 from app.media.url_rules import UrlPolicy
+from app.media.videos import VideoLimits
 
 MediaKind = Literal["image", "video"]
 
@@ -27,6 +28,7 @@ class MediaPolicy:
     max_video_bytes: int
     max_image_pixels: int
     max_image_side: int
+    video: VideoLimits
     urls: UrlPolicy
 
     @classmethod
@@ -40,6 +42,11 @@ class MediaPolicy:
             max_video_bytes=settings.MAX_VIDEO_BYTES,
             max_image_pixels=settings.MAX_IMAGE_PIXELS,
             max_image_side=settings.MAX_IMAGE_SIDE,
+            video=VideoLimits(
+                max_pixels=settings.MAX_VIDEO_PIXELS,
+                max_frames=settings.MAX_VIDEO_FRAMES,
+                max_seconds=settings.MAX_VIDEO_SECONDS,
+            ),
             urls=UrlPolicy(
                 allowed_domains=settings.allowed_media_domains,
                 allow_private=settings.ALLOW_PRIVATE_MEDIA_URLS,

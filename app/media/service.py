@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Settings
-from app.media.chat import MediaCounts, prepare_chat_media
 from app.media.fetch import MediaFetcher
 from app.media.modalities import detect_modalities
 from app.media.policy import MediaPolicy
+from app.media.routes import MediaCounts, prepare_media
 from app.readiness import Readiness
 
 
@@ -33,10 +33,8 @@ class MediaService:
         await self._fetcher.close()
 
     async def prepare(self, route: str, payload: dict[str, Any]) -> MediaCounts:
-        """Check, count and inline the media of one request body (in place)."""
-        if not isinstance(payload.get("messages"), list):
-            return MediaCounts()
-        return await prepare_chat_media(payload, self.policy, self._fetcher)
+        """Check, count and inline the media of one JSON body of `route` (in place)."""
+        return await prepare_media(route, payload, self.policy, self._fetcher)
 
     @property
     def policy(self) -> MediaPolicy:

@@ -74,26 +74,31 @@ def ask(base_url: str, *parts: dict[str, Any]) -> Any:
     return reply
 
 
-def engine_chat_requests(engine_url: str) -> float:
-    """Requests the engine's own HTTP server got on /v1/chat/completions, whatever it answered."""
+def engine_requests(engine_url: str, route: str = "/v1/chat/completions") -> float:
+    """Requests the engine's own HTTP server got on `route`, whatever it answered."""
     text = httpx.get(f"{engine_url}/metrics", timeout=10).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("http_requests_total{") and 'handler="/v1/chat/completions"' in line
+        if line.startswith("http_requests_total{") and f'handler="{route}"' in line
     )
 
 
 def assert_refused_before_engine(
-    stack: Stack, body: dict[str, Any], status: int, fragments: tuple[str, ...], param: str
+    stack: Stack,
+    body: dict[str, Any],
+    status: int,
+    fragments: tuple[str, ...],
+    param: str,
+    route: str = "/v1/chat/completions",
 ) -> float:
-    """POST `body`; the answer is `status` with an OpenAI error naming `param`, the engine was not called.
+    """POST `body` to `route`; the answer is `status` with an OpenAI error naming `param`, the engine was not called.
 
     Returns how long the answer took (seconds).
     """
-    before = engine_chat_requests(stack.engine_url)
+    before = engine_requests(stack.engine_url, route)
     started = time.monotonic()
-    response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=60)
+    response = httpx.post(f"{stack.base_url}{route}", json=body, timeout=60)
     elapsed = time.monotonic() - started
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -101,7 +106,7 @@ def assert_refused_before_engine(
     assert error["param"] == param
     for fragment in fragments:
         assert fragment in error["message"], error["message"]
-    assert engine_chat_requests(stack.engine_url) == before
+    assert engine_requests(stack.engine_url, route) == before
     assert httpx.get(f"{stack.base_url}/health", timeout=10).status_code == 200
     return elapsed
 
@@ -213,16 +218,16 @@ def test_image_over_max_image_side_reaches_the_engine_downscaled(vlm_stack: Stac
 
 def test_engine_request_counter_sees_requests_the_engine_refuses(vlm_stack: Stack) -> None:
     """The 'engine untouched' check below is meaningful: the counter counts 4xx answers too."""
-    before = engine_chat_requests(vlm_stack.engine_url)
+    before = engine_requests(vlm_stack.engine_url)
     url = data_url("image/png", sample_image("PNG", (32, 32)))
     response = httpx.post(
         f"{vlm_stack.engine_url}/v1/chat/completions", json=chat_body(*[image_part(url)] * 3), timeout=60
     )
     assert response.status_code == 400  # the engine's own limit check
-    deadline = time.monotonic() + 5
-    while engine_chat_requests(vlm_stack.engine_url) == before and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while engine_requests(vlm_stack.engine_url) == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert engine_chat_requests(vlm_stack.engine_url) == before + 1
+    assert engine_requests(vlm_stack.engine_url) == before + 1
 
 
 def _parts_too_many_images(_: MediaServer) -> list[dict[str, Any]]:
@@ -364,3 +369,96 @@ def test_media_host_that_never_answers_times_out(vlm_stack: Stack, wrapper, medi
         IMAGE_PARAM,
     )
     assert elapsed < 10
+
+
+# --- Responses and Anthropic Messages: the same checks as chat -------------------------
+
+
+def responses_body(*parts: dict[str, Any]) -> dict[str, Any]:
+    content = [{"type": "input_text", "text": QUESTION}, *parts]
+    return {"model": VLM_MODEL, "input": [{"role": "user", "content": content}], "max_output_tokens": 4,
+            "temperature": 0, "store": False}  # fmt: skip
+
+
+def input_image(url: str) -> dict[str, Any]:
+    return {"type": "input_image", "image_url": url, "detail": "auto"}
+
+
+def messages_body(*blocks: dict[str, Any]) -> dict[str, Any]:
+    content = [{"type": "text", "text": QUESTION}, *blocks]
+    return {"model": VLM_MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
+
+
+def image_block(url: str) -> dict[str, Any]:
+    if url.startswith("data:"):
+        media_type, data = url[5:].split(";base64,", 1)
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+ROUTES = {
+    # route -> (body builder, image part builder, JSON path of the image, input tokens of an answer)
+    "/v1/responses": (responses_body, input_image, "input[0].content[1].image_url",
+                      lambda answer: answer["usage"]["input_tokens"]),
+    "/v1/messages": (messages_body, image_block, "messages[0].content[1].source",
+                     lambda answer: answer["usage"]["input_tokens"]),
+}  # fmt: skip
+by_route = pytest.mark.parametrize("route", sorted(ROUTES))
+
+
+def post_ok(base_url: str, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(f"{base_url}{route}", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@by_route
+def test_images_reach_the_engine_inline_and_by_url(vlm_stack: Stack, media_server: MediaServer, route: str) -> None:
+    """A data: image and an http URL (fetched by the wrapper, sent inline) cost the engine the same tokens."""
+    body, image, _, input_tokens = ROUTES[route]
+    png = sample_image("PNG", (64, 48))
+    media_server.add_file(f"/route{route}.png", png, "image/png")
+
+    text_only = input_tokens(post_ok(vlm_stack.base_url, route, body()))
+    inline = input_tokens(post_ok(vlm_stack.base_url, route, body(image(data_url("image/png", png)))))
+    by_url = input_tokens(post_ok(vlm_stack.base_url, route, body(image(media_server.url(f"/route{route}.png")))))
+
+    assert by_url == inline > text_only
+    assert [r.path for r in media_server.requests].count(f"/route{route}.png") == 1
+
+
+@by_route
+def test_a_pixel_bomb_never_reaches_the_engine(vlm_stack: Stack, route: str) -> None:
+    body, image, param, _ = ROUTES[route]
+    bomb = data_url("image/png", png_claiming_size(8000, 8000))
+    assert_refused_before_engine(vlm_stack, body(image(bomb)), 400, ("8000x8000", "MAX_IMAGE_PIXELS="), param, route)
+
+
+@by_route
+def test_a_private_url_is_refused_by_default(vlm_stack: Stack, wrapper, media_server: MediaServer, route: str) -> None:
+    body, image, param, _ = ROUTES[route]
+    gateway = wrapper(vlm_stack.engine_url, **VLM_WRAPPER_ENV)
+    media_server.add_file(f"/private{route}.png", sample_image("PNG"), "image/png")
+    assert_refused_before_engine(
+        gateway, body(image(media_server.url(f"/private{route}.png"))), 400,
+        ("'127.0.0.1' is a loopback address", "ALLOW_PRIVATE_MEDIA_URLS=true"), param, route,
+    )  # fmt: skip
+    assert f"/private{route}.png" not in [request.path for request in media_server.requests]
+
+
+# --- Videos are measured before the engine decodes them ------------------------------------
+
+
+def test_videos_over_the_limits_never_reach_the_engine(vlm_stack: Stack, wrapper) -> None:
+    """4 frames of 32x32 at 4 fps: 1 s. Each limit set just below refuses it, naming its setting."""
+    video = {"type": "video_url", "video_url": {"url": data_url("video/mp4", sample_mp4(frames=4, size=(32, 32)))}}
+    param = "messages[0].content[1].video_url"
+    for setting, value, fragment in (
+        ("MAX_VIDEO_FRAMES", "3", "at most MAX_VIDEO_FRAMES=3"),
+        ("MAX_VIDEO_PIXELS", "1000", "more than MAX_VIDEO_PIXELS=1000"),
+        ("MAX_VIDEO_SECONDS", "0.5", "more than MAX_VIDEO_SECONDS=0.5"),
+    ):
+        gateway = wrapper(vlm_stack.engine_url, **VLM_WRAPPER_ENV, **{setting: value})
+        assert_refused_before_engine(gateway, chat_body(video), 400, (fragment,), param)
+    # The same video within the default limits is answered.
+    assert ask(vlm_stack.base_url, video).usage.prompt_tokens > 0

@@ -1,4 +1,4 @@
-"""prepare_chat_media: what a client sending images and videos in chat requests gets."""
+"""prepare_media on /v1/chat/completions: what a client sending images and videos in chat requests gets."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.config import load_settings
 from app.errors import APIError
-from app.media import MediaCounts, MediaFetcher, MediaPolicy, prepare_chat_media
+from app.media import MediaCounts, MediaFetcher, MediaPolicy, prepare_media
 from tests.media_server import MediaServer, StaticResolver, png_claiming_size, sample_image, sample_mp4
 
 VISION_LANGUAGE = frozenset({"text", "image", "video"})
@@ -38,7 +38,7 @@ def media_policy(env: dict[str, str] | None = None, modalities: frozenset[str] =
 async def prepare(body: dict[str, Any], policy: MediaPolicy | None = None) -> MediaCounts:
     policy = policy or media_policy()
     async with MediaFetcher(policy.urls, resolver=StaticResolver({TEST_HOST: [["127.0.0.1"]]})) as fetcher:
-        return await prepare_chat_media(body, policy, fetcher)
+        return await prepare_media("/v1/chat/completions", body, policy, fetcher)
 
 
 async def refusal(body: dict[str, Any], policy: MediaPolicy | None = None) -> APIError:

@@ -1,10 +1,14 @@
-"""Whatever a client sends as chat messages, prepare_chat_media answers with a 4xx or succeeds.
+"""Whatever a client sends to any route, prepare_media answers with a 4xx or succeeds.
 
-Hypothesis builds random message shapes: content as strings, lists, junk;
-parts typed, untyped, with uuids, with URLs that are valid, malformed,
-private, redirecting, or base64 payloads that are images, videos, bombs or
-garbage. A local server plays the public host. Any exception other than an
-`APIError` with a 4xx status would be a 500 for the client: a bug.
+Hypothesis builds random bodies for every route of the table: chat
+messages, Responses items, Anthropic blocks and sources, pooling inputs,
+score/rerank documents; content as strings, lists, junk; parts typed,
+untyped, with uuids, with URLs that are valid, malformed, private,
+redirecting, or base64 payloads that are images, videos, bombs or garbage.
+A local server plays the public host. Any exception other than an
+`APIError` with a 4xx status would be a 500 for the client: a bug. When the
+request is accepted, the counts are within the limits and every piece of
+media the engine will read is inline data: nothing is left for it to fetch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from hypothesis import strategies as st
 
 from app.config import load_settings
 from app.errors import APIError
-from app.media import MediaFetcher, MediaPolicy, prepare_chat_media
+from app.media import MEDIA_ROUTES, MediaFetcher, MediaPolicy, prepare_media
+from app.media.routes import ROUTES
+from app.media.walk import Walk
 from tests.media_server import MediaServer, StaticResolver, png_claiming_size, sample_image, sample_mp4
 
 TEST_HOST = "images.example.test"
@@ -38,6 +44,7 @@ PART_TYPES = [
     "audio_url",
     "input_audio",
     "image_embeds",
+    "input_file",
     "refusal",
     "bogus",
 ]
@@ -102,18 +109,65 @@ def strategies(port: int) -> st.SearchStrategy[dict[str, Any]]:
     messages = weighted(
         (6, st.lists(message, min_size=1, max_size=3)), (1, st.lists(message | json_scalars, max_size=2))
     )
-    return weighted(
-        (8, st.fixed_dictionaries({"model": st.just("org/model"), "messages": messages})),
-        (
-            1,
-            st.fixed_dictionaries(
-                {}, optional={"messages": json_scalars | st.dictionaries(st.text(max_size=3), contents)}
-            ),
+    sources = weighted(
+        (3, st.fixed_dictionaries({"type": st.just("url"), "url": urls})),
+        (3, st.builds(lambda p: {"type": "base64", "media_type": "image/png", "data": p}, st.sampled_from(PAYLOADS))),
+        (1, st.fixed_dictionaries({}, optional={"type": json_scalars, "url": urls, "data": json_scalars})),
+        (1, json_scalars),
+    )
+    anthropic_image = st.fixed_dictionaries({"type": st.just("image"), "source": sources})
+    blocks = st.lists(
+        anthropic_image
+        | st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)})
+        | st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": st.just("t"),
+                                 "content": st.lists(anthropic_image | json_scalars, max_size=3)})
+        | st.fixed_dictionaries({"type": st.sampled_from(["document", "bogus"]), "source": sources}),
+        max_size=4,
+    )  # fmt: skip
+    anthropic_messages = st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]), "content": blocks}),
+        min_size=1,
+        max_size=3,
+    )
+    tool_outputs = st.fixed_dictionaries(
+        {"type": st.just("function_call_output"), "call_id": st.just("c"), "output": contents}
+    )
+    score_inputs = st.lists(st.fixed_dictionaries({"content": contents}) | st.text(max_size=3), max_size=3)
+    bodies = {
+        "chat": st.fixed_dictionaries({"model": st.just("org/model"), "messages": messages}),
+        "batch": st.fixed_dictionaries({"messages": st.lists(messages, max_size=2)}),
+        "responses": st.fixed_dictionaries({"input": st.lists(message | tool_outputs, max_size=3) | json_scalars}),
+        "anthropic": st.fixed_dictionaries({"messages": anthropic_messages}, optional={"system": blocks}),
+        "pooling": st.fixed_dictionaries({}, optional={"input": messages | st.lists(messages), "messages": messages}),
+        "scoring": st.fixed_dictionaries({"query": score_inputs, "documents": score_inputs}),
+        "junk": st.fixed_dictionaries(
+            {}, optional={"messages": json_scalars | st.dictionaries(st.text(max_size=3), contents)}
         ),
+    }
+    return st.sampled_from(sorted(MEDIA_ROUTES)).flatmap(
+        lambda route: st.tuples(st.just(route), bodies[FAMILY.get(route, "chat")] | bodies["junk"])
     )
 
 
-def test_random_chat_messages_get_a_4xx_or_succeed() -> None:
+FAMILY = {
+    "/v1/chat/completions/batch": "batch",
+    "/v1/responses": "responses",
+    "/v1/messages": "anthropic",
+    "/v1/messages/count_tokens": "anthropic",
+    "/v1/embeddings": "pooling",
+    "/pooling": "pooling",
+    "/classify": "pooling",
+    **dict.fromkeys(["/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank"], "scoring"),
+}
+
+
+def left_for_the_engine_to_fetch(route: str, body: dict[str, Any]) -> list[str]:
+    walk = Walk()
+    ROUTES[route].walker(body, walk)
+    return [ref.url for ref in walk.media if ref.url is not None and not ref.url.startswith("data:")]
+
+
+def test_random_bodies_on_every_route_get_a_4xx_or_succeed() -> None:
     base = MediaPolicy.from_settings(
         load_settings({"IMAGE_LIMIT": "2", "VIDEO_LIMIT": "1", "MAX_IMAGE_SIDE": "16", "MEDIA_FETCH_TIMEOUT_S": "2"}),
         frozenset({"text", "image", "video"}),
@@ -132,17 +186,19 @@ def test_random_chat_messages_get_a_4xx_or_succeed() -> None:
         fetcher = MediaFetcher(policy.urls, resolver=resolver)
         runner.run(fetcher.start())
 
-        @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(strategies(server.port))
-        def answers_4xx_or_succeeds(body: dict[str, Any]) -> None:
+        def answers_4xx_or_succeeds(request: tuple[str, dict[str, Any]]) -> None:
+            route, body = request
             try:
-                counts = runner.run(prepare_chat_media(body, policy, fetcher))
+                counts = runner.run(prepare_media(route, body, policy, fetcher))
             except APIError as error:
                 assert 400 <= error.status < 500, error
                 assert error.message
             else:
                 assert min(counts.text, counts.image, counts.video) >= 0
                 assert counts.image <= policy.image_limit and counts.video <= policy.video_limit
+                assert left_for_the_engine_to_fetch(route, body) == []
 
         try:
             answers_4xx_or_succeeds()
