@@ -16,12 +16,16 @@ import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 MiB = 1024 * 1024
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
@@ -163,6 +167,9 @@ class Settings(BaseSettings):
         None, description="postgresql://… for a shared store (default: SQLite file in the cache directory)."
     )
     CONVERSATIONS_TTL_S: float = Field(7 * 24 * 3600.0, gt=0, description="Conversations idle longer are deleted.")
+    CONVERSATIONS_DB_TIMEOUT_S: float = Field(
+        5.0, gt=0, description="Longest wait on the conversation database (connect, query, lock) before 503."
+    )
 
     # --- Logs ------------------------------------------------------------
     LOG_FORMAT: Literal["json", "text"] = Field("json", description="Log line format.")
@@ -187,6 +194,29 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("CONVERSATIONS_DB_URL")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the value: it holds the database password.
+        if value is None:
+            return value
+        url = value.get_secret_value().strip()
+        if not url.startswith(POSTGRES_SCHEMES):
+            raise PydanticCustomError(
+                "postgres_url",
+                "use postgresql://user:password@host:port/database, "
+                "or leave it empty for the SQLite file in the cache directory",
+            )
+        try:
+            _ = urlsplit(url).port
+        except ValueError:
+            raise PydanticCustomError(
+                "postgres_url",
+                "not a valid URL (check the host and port, and percent-encode special characters in the "
+                "password): use postgresql://user:password@host:port/database",
+            ) from None
+        return SecretStr(url)
 
     @model_validator(mode="after")
     def _check_model(self) -> Settings:

@@ -7,9 +7,9 @@ writes a flame graph (SVG) and collapsed stacks; the stacks are reduced to the
 functions with the most samples (self and inclusive) and to self time per
 package (the wrapper's own modules one by one), which the report lists.
 Only the thread holding the GIL is sampled (`--gil`): idle helper threads, such
-as aiosqlite's, would otherwise show as busy. C frames are included
-(`--native`), so time in the interpreter (garbage collection), uvloop, the
-HTTP parsers and syscalls shows where it is spent.
+as the conversation store's SQLite thread, would otherwise show as busy. C
+frames are included (`--native`), so time in the interpreter (garbage
+collection), uvloop, the HTTP parsers and syscalls shows where it is spent.
 py-spy runs on the client core, so the sampling does not take the gateway's CPU.
 """
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -77,26 +78,46 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="pg-test-"))
         if os.geteuid() == 0:
             shutil.chown(self.root, user="postgres", group="postgres")
-        data = self.root / "data"
         self._run([
-            str(self.bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
+            str(self.bindir / "initdb"), "-D", str(self._data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+            "--no-sync",
         ])
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the server on its existing data (after `stop_keeping_data`)."""
+        assert self.root is not None, "start() first"
         options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c full_page_writes=off"
         try:
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.root / "server.log"),
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self._data), "-l", str(self.root / "server.log"),
                        "-w", "-t", "60", "-o", options, "start"])
         except RuntimeError as exc:
             hint = f"(Is port {self.port} taken, e.g. by a server left from an earlier run?)"
             raise RuntimeError(f"{exc}\n{hint}") from None
 
+    def stop_keeping_data(self) -> None:
+        """Stop the server at once, as a crash would (clients lose their connections), keeping its data."""
+        if self.root is not None and (self._data / "postmaster.pid").exists():
+            self._run([str(self.bindir / "pg_ctl"), "-D", str(self._data), "-m", "immediate", "-w", "stop"])
+
     def stop(self) -> None:
         if self.root is None:
             return
-        data = self.root / "data"
-        if (data / "postmaster.pid").exists():
-            self._run([str(self.bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
+        self.stop_keeping_data()
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
+
+    @property
+    def _data(self) -> Path:
+        assert self.root is not None
+        return self.root / "data"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment, for a server a test starts itself."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextmanager

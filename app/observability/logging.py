@@ -169,8 +169,6 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
             "uvicorn": {"handlers": [], "propagate": True, "level": level.upper()},
             "uvicorn.error": {"handlers": [], "propagate": True, "level": level.upper()},
             "uvicorn.access": {"handlers": [], "propagate": True, "level": "WARNING"},
-            # Two lines per SQL statement at DEBUG: only its warnings are worth a line.
-            "aiosqlite": {"handlers": [], "propagate": True, "level": "WARNING"},
         },
     }
 
