@@ -6,7 +6,6 @@ without downtime. Keys are compared in constant time and never logged.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from app.errors import APIError
@@ -34,11 +33,6 @@ class KeyCheck:
         if matched is None:
             raise APIError(401, "Invalid API key.", code="invalid_api_key", cause="auth")
         return matched.decode()
-
-
-def owner_of(api_key: str | None) -> str:
-    """Who owns what a caller stores: a hash of their key (never the key), "" without keys."""
-    return "" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()
 
 
 def header(scope_headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -41,7 +41,8 @@ from app.generate.schemas import (
     ModelInfo,
     TurnOut,
 )
-from app.generate.store import Conversation, ConversationStore, ConversationStoreError
+from app.frontdoor import CALLER_STATE
+from app.generate.store import Conversation, ConversationStore, ConversationStoreError, owner_of
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
 from app.proxy.reply import DONE, SSE_HEADERS, Reply, serve_exchange
@@ -71,7 +72,7 @@ class GenerateService:
         self.engine = engine
         self.store = store
 
-    async def generate(self, body: GenerateRequest, record: RequestRecord, reply: Reply) -> None:
+    async def generate(self, body: GenerateRequest, owner: str, record: RequestRecord, reply: Reply) -> None:
         settings = self.settings
         record.model = settings.served_model_name
         record.stream = body.stream
@@ -85,7 +86,7 @@ class GenerateService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        conversation = await self._load(body.conversation_id)
+        conversation = await self._load(body.conversation_id, owner)
         conversation_id = body.conversation_id or (uuid.uuid4().hex if self.store is not None else None)
         system = body.system if body.system is not None else (conversation.system if conversation else None)
 
@@ -116,7 +117,7 @@ class GenerateService:
         record.prompt_tokens, record.completion_tokens = chat.prompt_tokens, chat.completion_tokens
         text = "".join(pieces)
         if conversation_id is not None:
-            await self._store_exchange(conversation_id, body, text, create=conversation is None)
+            conversation_id = await self._store_exchange(conversation_id, owner, body, text, conversation is None)
         answer = self._answer(body, record, chat, fitted, text, conversation_id, max_tokens, model_max_len,
                               engine_started, finished)
         if body.stream:
@@ -160,7 +161,7 @@ class GenerateService:
             history_truncated=fitted.truncated,
         )
 
-    async def _load(self, conversation_id: str | None) -> Conversation | None:
+    async def _load(self, conversation_id: str | None, owner: str) -> Conversation | None:
         if conversation_id is None:
             return None
         if self.store is None:
@@ -171,19 +172,33 @@ class GenerateService:
                 code="conversations_disabled",
             )
         with _store_errors():
-            conversation = await self.store.get(conversation_id)
+            conversation = await self.store.get(conversation_id, owner=owner)
         if conversation is None:
             raise _not_found(conversation_id, self.store)
         return conversation
 
-    async def _store_exchange(self, conversation_id: str, body: GenerateRequest, text: str, create: bool) -> None:
+    async def _store_exchange(
+        self, conversation_id: str, owner: str, body: GenerateRequest, text: str, new: bool
+    ) -> str | None:
+        """Keep the turn; returns the conversation id to send back (None: a new one could not be stored).
+
+        A new conversation whose store is down still gets its reply, unsaved; a
+        turn of an existing conversation that cannot be stored is a 503, since
+        the client expects it continued.
+        """
         assert self.store is not None
-        with _store_errors():
+        try:
             stored = await self.store.append_exchange(
-                conversation_id, body.system, body.user_text, text, create=create
+                conversation_id, body.system, body.user_text, text, owner=owner, create=new
             )
+        except ConversationStoreError as exc:
+            if not new:
+                raise _store_unavailable(exc) from exc
+            log.warning("Reply sent without a conversation id: %s", exc)
+            return None
         if not stored:
             log.info("Conversation %s was deleted while generating; turn dropped", conversation_id)
+        return conversation_id
 
     def require_store(self) -> ConversationStore:
         if self.store is None:
@@ -201,31 +216,32 @@ def build_router(service: GenerateService) -> APIRouter:
     async def generate(body: GenerateRequest, request: Request) -> Response:
         """Generate a reply to `prompt`, optionally continuing a stored conversation."""
         record: RequestRecord = request.scope["state"]["record"]
+        owner = caller_owner(request)
 
         async def work(reply: Reply) -> None:
-            await service.generate(body, record, reply)
+            await service.generate(body, owner, record, reply)
 
         return ExchangeResponse(work)
 
     @router.get("/conversations", response_model=ConversationListOut)
     async def list_conversations(
-        limit: int = Query(100, ge=1, le=1000, description="Most conversations to list."),
+        request: Request, limit: int = Query(100, ge=1, le=1000, description="Most conversations to list.")
     ) -> ConversationListOut:
-        """Stored conversations, most recently updated first."""
+        """Your stored conversations (those made with the same API key), most recently updated first."""
         store = service.require_store()
         with _store_errors():
-            summaries = await store.list_recent(limit)
+            summaries = await store.list_recent(limit, owner=caller_owner(request))
         return ConversationListOut(data=[
             ConversationSummaryOut(id=s.id, created=s.created, updated=s.updated, turn_count=s.turn_count)
             for s in summaries
         ])
 
     @router.get("/conversations/{conversation_id}", response_model=ConversationOut)
-    async def get_conversation(conversation_id: str) -> ConversationOut:
-        """One conversation with its turns in order."""
+    async def get_conversation(conversation_id: str, request: Request) -> ConversationOut:
+        """One of your conversations with its turns in order."""
         store = service.require_store()
         with _store_errors():
-            conversation = await store.get(conversation_id)
+            conversation = await store.get(conversation_id, owner=caller_owner(request))
         if conversation is None:
             raise _not_found(conversation_id, store)
         return ConversationOut(
@@ -238,16 +254,21 @@ def build_router(service: GenerateService) -> APIRouter:
         )
 
     @router.delete("/conversations/{conversation_id}", response_model=ConversationDeletedOut)
-    async def delete_conversation(conversation_id: str) -> ConversationDeletedOut:
-        """Delete a conversation and its turns."""
+    async def delete_conversation(conversation_id: str, request: Request) -> ConversationDeletedOut:
+        """Delete one of your conversations and its turns."""
         store = service.require_store()
         with _store_errors():
-            deleted = await store.delete(conversation_id)
+            deleted = await store.delete(conversation_id, owner=caller_owner(request))
         if not deleted:
             raise _not_found(conversation_id, store)
         return ConversationDeletedOut(id=conversation_id)
 
     return router
+
+
+def caller_owner(request: Request) -> str:
+    """Whose conversations these are: a hash of the API key the front door accepted ("" without keys)."""
+    return owner_of(request.scope["state"].get(CALLER_STATE))
 
 
 @contextlib.contextmanager
@@ -256,17 +277,22 @@ def _store_errors() -> Iterator[None]:
     try:
         yield
     except ConversationStoreError as exc:
-        raise APIError(
-            503, f"{exc}. Retry later.", code="conversation_store_unavailable", cause="unavailable",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise _store_unavailable(exc) from exc
+
+
+def _store_unavailable(exc: ConversationStoreError) -> APIError:
+    return APIError(
+        503, f"{exc}. Retry later.", code="conversation_store_unavailable", cause="unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 def _not_found(conversation_id: str, store: ConversationStore) -> APIError:
     return APIError(
         404,
-        f"No conversation '{conversation_id}': it never existed, was deleted, or expired after "
-        f"CONVERSATIONS_TTL_S={store.ttl_s:g}s idle. Omit conversation_id to start a new conversation.",
+        f"No conversation '{conversation_id}': it never existed, was deleted, expired after "
+        f"CONVERSATIONS_TTL_S={store.ttl_s:g}s idle, or belongs to another API key. "
+        "Omit conversation_id to start a new conversation.",
         param="conversation_id",
         code="conversation_not_found",
     )

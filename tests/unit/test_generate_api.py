@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -379,3 +380,52 @@ async def test_unreachable_engine_is_503(make_client: MakeClient, engine: FakeEn
     response = await client.post("/generate", json={"prompt": "anyone there?"})
     assert assert_openai_error(response, 503)["code"] == "engine_unavailable"
     assert "Retry-After" in response.headers
+
+
+@pytest.mark.asyncio
+async def test_conversations_belong_to_the_key_that_made_them(make_wrapper: MakeWrapper) -> None:
+    wrapper = await make_wrapper(API_KEY="key-a,key-b")
+    async with wrapper.client(headers={"Authorization": "Bearer key-a"}) as alice, \
+            wrapper.client(headers={"Authorization": "Bearer key-b"}) as bob:
+        conversation_id = (await alice.post("/generate", json={"prompt": "secret"})).json()["conversation_id"]
+        assert (await alice.get(f"/conversations/{conversation_id}")).status_code == 200
+        assert [c["id"] for c in (await alice.get("/conversations")).json()["data"]] == [conversation_id]
+
+        assert (await bob.get("/conversations")).json()["data"] == []
+        for response in (
+            await bob.get(f"/conversations/{conversation_id}"),
+            await bob.delete(f"/conversations/{conversation_id}"),
+            await bob.post("/generate", json={"prompt": "continue", "conversation_id": conversation_id}),
+        ):
+            error = assert_openai_error(response, 404)
+            assert "another API key" in error["message"]
+        assert len((await alice.get(f"/conversations/{conversation_id}")).json()["turns"]) == 2, "untouched"
+
+
+@pytest.mark.asyncio
+async def test_database_down_at_start_leaves_v1_serving(make_wrapper: MakeWrapper, engine: FakeEngine) -> None:
+    """A conversation database that cannot be reached: the wrapper starts, /v1 serves, /generate says why."""
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+    unused.close()  # nothing listens there
+    wrapper = await make_wrapper(
+        CONVERSATIONS_DB_URL=f"postgresql://user:secret@127.0.0.1:{port}/db", CONVERSATIONS_DB_TIMEOUT_S="1"
+    )
+    async with wrapper.client() as client:
+        chat = await client.post("/v1/chat/completions", json={
+            "model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200
+
+        new = await client.post("/generate", json={"prompt": "hello"})
+        assert new.status_code == 200 and new.json()["response"] == "Echo: hello"
+        assert new.json()["conversation_id"] is None, "the reply is not lost, but there is nothing to continue"
+
+        for response in (
+            await client.post("/generate", json={"prompt": "again", "conversation_id": "abc"}),
+            await client.get("/conversations"),
+        ):
+            error = assert_openai_error(response, 503)
+            assert error["code"] == "conversation_store_unavailable" and "PostgreSQL" in error["message"]
+            assert "secret" not in response.text
+        assert (await client.get("/health")).status_code == 200
