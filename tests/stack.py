@@ -42,6 +42,12 @@ CPU_ENGINE_ENV = {
     "HF_HUB_OFFLINE": "1",
 }
 
+# SmolLM2's greedy first token for "What is the capital of France?" is a near tie
+# between "The" and "L" in bfloat16, and which way it falls depends on the CPU's
+# bf16 kernels (machines with AMX / AVX512-BF16 answer "L'Étoile..."). In float32
+# "The capital of France is Paris." wins by 0.1 in log-probability.
+SMOLLM2_ENV = {"DTYPE": "float32"}
+
 
 @dataclass
 class Stack:

@@ -26,7 +26,7 @@ import pytest
 
 from app.generate.store import SQLITE_FILE_NAME
 from tests.postgres_server import PostgresServer, running_postgres
-from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_stack
+from tests.stack import SMOLLM2_ENV, Stack, engine_gauge, kill_tree, model_dir, port, start_stack
 
 MODEL = "smol-chat"
 MAX_MODEL_LEN = 1024
@@ -54,7 +54,7 @@ def smol(logs_dir: Path, hf_home: Path) -> Iterator[Stack]:
         model_dir("smollm2-135m-instruct"), port=port(71), vllm_port=port(72), log_path=logs_dir / "generate.log",
         extra_env={
             "SERVED_MODEL_NAME": MODEL, "MAX_MODEL_LEN": str(MAX_MODEL_LEN), "MAX_TOKENS_CAP": str(MAX_TOKENS_CAP),
-            "HF_HOME": str(hf_home),
+            "HF_HOME": str(hf_home), **SMOLLM2_ENV,
         },
     )
     yield stack

@@ -11,14 +11,14 @@ import openai
 import psutil
 import pytest
 
-from tests.stack import Stack, kill_tree, model_dir, port, start_stack
+from tests.stack import SMOLLM2_ENV, Stack, kill_tree, model_dir, port, start_stack
 
 
 @pytest.fixture(scope="module")
 def smol_stack(logs_dir: Path) -> Iterator[Stack]:
     stack = start_stack(
         model_dir("smollm2-135m-instruct"), port=port(21), vllm_port=port(22), log_path=logs_dir / "smol.log",
-        extra_env={"MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        extra_env={"MAX_MODEL_LEN": "1024", "VLLM_CPU_KVCACHE_SPACE": "1", **SMOLLM2_ENV},
     )
     yield stack
     stack.stop(signal.SIGTERM)
