@@ -368,7 +368,7 @@ def test_media_host_that_never_answers_times_out(vlm_stack: Stack, wrapper, medi
         ("host '127.0.0.1' timed out after 1 s", "MEDIA_FETCH_TIMEOUT_S"),
         IMAGE_PARAM,
     )
-    assert elapsed < 10
+    assert elapsed < 60, "the fetch was not cut at MEDIA_FETCH_TIMEOUT_S"
 
 
 # --- Responses and Anthropic Messages: the same checks as chat -------------------------

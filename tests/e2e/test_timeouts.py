@@ -16,38 +16,49 @@ from tests.e2e.conftest import TEXT_MODEL
 from tests.stack import Stack, engine_gauge
 
 
+LONG = 1900
+
+
 def long_generation(stream: bool) -> dict[str, object]:
     return {
         "model": TEXT_MODEL, "messages": [{"role": "user", "content": "Go on"}], "stream": stream,
-        "max_tokens": 1900, "min_tokens": 1900, "ignore_eos": True,
+        "max_tokens": LONG, "min_tokens": LONG, "ignore_eos": True,
     }
 
 
-def wait_engine_idle(stack: Stack, within_s: float = 3.0) -> None:
-    deadline = time.monotonic() + within_s
+def generated_tokens(stack: Stack) -> float:
+    return engine_gauge(stack.engine_url, "vllm:generation_tokens_total")
+
+
+def assert_engine_stopped_early(stack: Stack, tokens_before: float, timeout_s: float = 120.0) -> None:
+    """Wait until the engine is idle; it must have generated fewer tokens than the request asked for."""
+    deadline = time.monotonic() + timeout_s
     while engine_gauge(stack.engine_url, "vllm:num_requests_running") > 0:
-        assert time.monotonic() < deadline, "the engine kept generating after the timeout"
+        assert time.monotonic() < deadline, "the engine is still busy"
         time.sleep(0.1)
+    assert generated_tokens(stack) - tokens_before < LONG, "the engine generated the whole reply: it was not aborted"
 
 
 def test_non_streaming_request_over_request_timeout_is_a_504(text_stack: Stack, wrapper) -> None:
     gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
+    before = generated_tokens(text_stack)
     response = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=long_generation(False), timeout=30)
     assert response.status_code == 504
     error = response.json()["error"]
     assert "REQUEST_TIMEOUT_S" in error["message"] and error["code"] == "timeout"
-    wait_engine_idle(text_stack)
+    assert_engine_stopped_early(text_stack, before)
     line = [entry for entry in gateway.request_lines() if entry["path"] == "/v1/chat/completions"][-1]
     assert line["status"] == 504 and line["error"] == "timeout"
 
 
 def test_stream_over_request_timeout_ends_with_an_error_event(text_stack: Stack, wrapper) -> None:
     gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
+    before = generated_tokens(text_stack)
     with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=long_generation(True), timeout=30) as response:
         assert response.status_code == 200
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2].removeprefix("data: "))["error"]
     assert error["code"] == "timeout"
-    wait_engine_idle(text_stack)
+    assert_engine_stopped_early(text_stack, before)
     assert httpx.get(f"{gateway.base_url}/health").status_code == 200

@@ -27,7 +27,7 @@ from tests.e2e.conftest import TEXT_MODEL
 from tests.stack import ROOT, Stack, kill_tree, model_dir, port, start_stack
 
 ENGINE_START_TIMEOUT_S = 420.0
-OUTAGE_DETECTION_BOUND_S = 10.0
+OUTAGE_DETECTION_BOUND_S = 60.0
 
 
 class RemoteEngine:
@@ -158,7 +158,8 @@ def test_sigterm_stops_a_wrapper_only_instance_at_once_with_exit_0(
     code = instance.stop(signal.SIGTERM, timeout_s=60)
     stopped_after_s = time.monotonic() - signalled
     assert code == 0
-    assert stopped_after_s < 10, f"an idle wrapper-only instance took {stopped_after_s:.1f}s to stop"
+    # Well below the drain deadline (DRAIN_TIMEOUT_S=30): an idle instance does not wait for it.
+    assert stopped_after_s < 25, f"an idle wrapper-only instance took {stopped_after_s:.1f}s to stop"
     _, alive = psutil.wait_procs(processes, timeout=5)
     assert not alive, [p.pid for p in alive]
     # The remote engine is not the wrapper's to stop.

@@ -395,9 +395,9 @@ async def test_wrongly_shaped_image_parts_are_400() -> None:
 
 @pytest.mark.asyncio
 async def test_one_refused_part_ends_the_request_without_waiting_for_the_others(server: MediaServer) -> None:
-    server.add_slow("/slow.png", 5)
+    server.add_slow("/slow.png", 300)
     body = chat(image(server.url("/slow.png", TEST_HOST)), image("file:///etc/passwd"))
     started = time.monotonic()
-    error = await refusal(body, media_policy({"MEDIA_FETCH_TIMEOUT_S": "5"}))
-    assert time.monotonic() - started < 1.0
+    error = await refusal(body, media_policy({"MEDIA_FETCH_TIMEOUT_S": "300"}))
+    assert time.monotonic() - started < 60, "the refusal waited for the slow fetch"
     assert error.param == "messages[1].content[2].image_url"
