@@ -11,8 +11,12 @@ instance in front of the shared tiny text model's engine.
 
 from __future__ import annotations
 
+import select
+import socket
+
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.e2e.conftest import TEXT_MODEL
@@ -140,3 +144,46 @@ def test_no_cors_headers_without_allowed_origins(keyed: Stack) -> None:
     assert answered.status_code == 200
     for response in (preflight, answered):
         assert not [name for name in response.headers if name.lower().startswith("access-control-")]
+
+
+def wrapper_rss(stack: Stack) -> int:
+    """Resident memory of the wrapper processes (in wrapper-only mode: every process of the stack)."""
+    return sum(process.memory_info().rss for process in [psutil.Process(stack.process.pid), *stack.descendants()])
+
+
+def upload_without_end(stack: Stack, path: str, gib: int) -> tuple[bytes, int]:
+    """POST a chunked body of up to `gib` GiB without a key; returns the answer's first bytes and the bytes sent."""
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"x" * (1 << 20))
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        sock.setblocking(False)
+        answer = b""
+        try:
+            while sent < gib << 30 and not answer:
+                try:
+                    answer = sock.recv(4096)
+                except BlockingIOError:
+                    pass
+                try:
+                    sent += sock.send(chunk)
+                except BlockingIOError:
+                    select.select([sock], [sock], [], 1)
+        except OSError:
+            pass  # the server closed the connection
+        sock.setblocking(True)
+        if not answer:
+            answer = sock.recv(4096)
+    return answer, sent
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/conversations"])
+def test_an_unauthenticated_upload_of_gigabytes_is_refused_early_with_memory_flat(keyed: Stack, path: str) -> None:
+    before = wrapper_rss(keyed)
+    answer, sent = upload_without_end(keyed, path, gib=4)
+    after = wrapper_rss(keyed)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert sent < 1 << 30, f"the wrapper read {sent >> 20} MiB of an unauthenticated upload"
+    assert after - before < 50 << 20, f"the wrapper grew by {(after - before) >> 20} MiB"
+    assert chat(keyed, bearer(KEYS[0])).status_code == 200, "still serving"

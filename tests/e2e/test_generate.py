@@ -37,8 +37,8 @@ TTL_S = 3
 # after "My name is Alice." is beyond it (it answers with a name of its own).
 INTRODUCTION = "Hi, I am Alice."
 NAME_QUESTION = "Tell me my name."
-JSON_SYSTEM = "You are an API. Reply only with JSON, no explanations."
-JSON_PROMPT = 'Return a JSON object with keys "name" and "age" for Alice, who is 30.'
+JSON_SYSTEM = "You reply only with JSON objects."
+JSON_PROMPT = 'JSON with "name" and "age" of Alice, age 30:'
 
 WrapperFactory = Callable[..., Stack]
 

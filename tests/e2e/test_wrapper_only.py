@@ -190,7 +190,7 @@ def test_engine_outage_is_a_retryable_503_and_heals_without_wrapper_restart(engi
         assert line["status"] == 503 and line["error"] == "unavailable"
     refused = httpx.post(f"{front.base_url}/generate", json={"prompt": "Hello", "max_tokens": 4}, timeout=30)
     assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
-    assert refused.json()["error"]["code"] == "engine_unreachable"
+    assert refused.json()["error"]["code"] == "engine_unavailable"
     # Metrics keep answering, and say the engine's series are missing.
     metrics = httpx.get(f"{front.base_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "vllm_api_engine_metrics_up 0.0" in metrics.text
