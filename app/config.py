@@ -101,11 +101,17 @@ class Settings(BaseSettings):
     ENGINE_STARTUP_TIMEOUT_S: float = Field(
         1800.0, gt=0, description="Longest time the engine may take to load before startup fails."
     )
+    # A busy engine still answers /health within seconds (its API server's event loop is
+    # only blocked by work such as tokenizing a huge prompt or decoding media); a minute of
+    # silence means a hung engine, which is replaced well before clients give up on it.
+    ENGINE_HEALTH_TIMEOUT_S: float = Field(
+        60.0, ge=0, description="While serving, an engine whose /health fails this long is killed like a crash (0: never)."
+    )
     ON_STARTUP_FAILURE: Literal["exit", "serve"] = Field(
         "serve", description="After a failed start: serve the error on every route, or exit non-zero."
     )
     ON_ENGINE_FAILURE: Literal["exit", "restart"] = Field(
-        "exit", description="After the engine dies while serving: exit non-zero, or relaunch it in place."
+        "exit", description="After the engine dies or stops answering while serving: exit non-zero, or relaunch it in place."
     )
     ENGINE_URL: str | None = Field(
         None, description="Front an engine that runs elsewhere (e.g. http://vllm:8001); no engine is started."

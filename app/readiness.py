@@ -5,6 +5,10 @@ ready, failed) in the status file; this wrapper process adds what only it
 knows: whether it is draining, and whether the engine answers its own
 `/health` right now. A ready lifecycle with a silent engine is reported as
 `engine_unavailable`, so probes never claim a health the engine lacks.
+
+The engine check is cached for ENGINE_CHECK_TTL_S. A relayed request that saw
+the engine vanish voids the cache and any check still in flight: a check that
+began before a crash must not report the crashed engine healthy.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Readiness:
         self._session: aiohttp.ClientSession | None = None
         self._checked_at = 0.0
         self._engine_ok = False
+        self._failures_seen = 0
         self._check_lock = asyncio.Lock()
 
     def bind(self, session: aiohttp.ClientSession) -> None:
@@ -60,8 +65,13 @@ class Readiness:
             return self._engine_ok
         async with self._check_lock:
             if time.monotonic() - self._checked_at >= ENGINE_CHECK_TTL_S:
-                self._engine_ok = await self._probe_engine()
-                self._checked_at = time.monotonic()
+                failures_seen = self._failures_seen
+                healthy = await self._probe_engine()
+                if failures_seen == self._failures_seen:
+                    self._engine_ok, self._checked_at = healthy, time.monotonic()
+                else:
+                    # The engine vanished under a relayed request while this check ran.
+                    self._engine_ok, self._checked_at = False, 0.0
         return self._engine_ok
 
     async def _probe_engine(self) -> bool:
@@ -75,6 +85,7 @@ class Readiness:
 
     def mark_engine_failed(self) -> None:
         """Called when a relayed request saw the engine vanish: re-check on next probe."""
+        self._failures_seen += 1
         self._checked_at = 0.0
 
     async def snapshot(self) -> Snapshot:

@@ -49,6 +49,19 @@ SETTING_OF_FLAG = {
 }
 
 
+# Secrets that are no setting: the Hub token's older name, the PostgreSQL password the
+# conversation store's driver reads, and vLLM's own API key (with it the engine answers
+# the wrapper's requests with 401).
+WITHHELD_VARIABLES = frozenset({"HUGGING_FACE_HUB_TOKEN", "PGPASSWORD", "VLLM_API_KEY"})
+# Settings whose variable the engine's libraries read as well.
+SETTINGS_THE_ENGINE_READS = frozenset({"HF_HOME"})
+
+
+def _withheld_names() -> frozenset[str]:
+    settings = {name.upper() for name in Settings.model_fields} - SETTINGS_THE_ENGINE_READS
+    return WITHHELD_VARIABLES | settings
+
+
 @dataclass(frozen=True)
 class EngineLaunch:
     argv: list[str]
@@ -112,8 +125,22 @@ def build_engine_args(
 
 
 def engine_env(settings: Settings, device: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The engine's environment: the caller's, plus what the CPU build needs."""
-    env = dict(os.environ if base is None else base)
+    """The engine's environment: the container's, without the wrapper's settings and secrets.
+
+    The rule is a denylist, on purpose. The engine needs whatever the operator set
+    for vLLM, CUDA, NCCL, torch, OpenMP, Ray, libfabric or a model loader
+    (`VLLM_*`, `CUDA_VISIBLE_DEVICES`, `NCCL_*`, `OMP_NUM_THREADS`, `LD_PRELOAD`,
+    cloud storage credentials, ...): an allowlist would have to know all of them
+    and would drop the next one silently. What the engine must not see is known
+    exactly: every variable named by a setting in app/config.py (its flags carry
+    what it needs of them; VLLM_PORT would also move vLLM's internal ports),
+    except HF_HOME, which the engine's Hugging Face libraries read too; and
+    WITHHELD_VARIABLES. Names are matched in any case, as settings are. The
+    model and its adapters are on disk before the engine starts, so the engine
+    needs no Hub token.
+    """
+    source = os.environ if base is None else base
+    env = {name: value for name, value in source.items() if name.upper() not in _withheld_names()}
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     # Belt and braces with --allowed-media-domains: a media fetch never follows a redirect.
     env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"

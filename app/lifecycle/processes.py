@@ -3,8 +3,14 @@
 Each child runs in its own process group, so stopping it also stops whatever
 it spawned (vLLM starts an engine-core process of its own), and receives
 SIGTERM if the supervisor itself dies, so no process of the stack outlives
-it. The engine's output is read line by line, forwarded as JSON log records,
-and its last lines are kept to explain a failed start.
+it. The engine's output is forwarded as JSON log records, and its last lines
+are kept to explain a failure.
+
+The output is read in chunks until EOF, whatever it holds: a reader that
+stopped (asyncio's `readline` raises on a line over 64 KiB) would leave the
+pipe full, and the engine would block on its next log write while still
+looking alive. Lines are split here, and each is cut at `MAX_LINE_BYTES` with
+a visible marker, so one huge line costs neither memory nor a stalled engine.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from app.observability.logging import log_engine_line
 log = logging.getLogger("app.lifecycle")
 PR_SET_PDEATHSIG = 1
 TAIL_LINES = 200
+READ_CHUNK_BYTES = 64 * 1024
+# Keeps vLLM's longest ordinary line (its configuration dump) whole.
+MAX_LINE_BYTES = 16 * 1024
+EXIT_POLL_S = 0.1
+# How long an exited process's remaining output may take to be forwarded.
+OUTPUT_DRAIN_S = 2.0
 
 
 def _die_with_parent() -> None:
@@ -62,21 +74,31 @@ class ChildProcess:
 
     async def _forward_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
-        while True:
-            raw = await self.process.stdout.readline()
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                self.tail.append(line)
-                log_engine_line(line, "stdout")
+        splitter = LineSplitter(MAX_LINE_BYTES)
+        while chunk := await self.process.stdout.read(READ_CHUNK_BYTES):
+            for line in splitter.feed(chunk):
+                self._forward(line)
+        for line in splitter.close():
+            self._forward(line)
+
+    def _forward(self, line: str) -> None:
+        line = line.rstrip()
+        if line:
+            self.tail.append(line)
+            log_engine_line(line, "stdout")
 
     async def wait(self) -> int:
+        """The exit code, once the process exited; its output still in the pipe is forwarded first.
+
+        asyncio's own `wait()` returns only when the output pipe closes too, which
+        never happens while a child that outlived the process holds it.
+        """
         assert self.process is not None
-        code = await self.process.wait()
+        while self.process.returncode is None:
+            await asyncio.sleep(EXIT_POLL_S)
         if self._reader is not None:
-            await asyncio.wait((self._reader,), timeout=2)
-        return code
+            await asyncio.wait((self._reader,), timeout=OUTPUT_DRAIN_S)
+        return self.process.returncode
 
     def signal(self, signum: int) -> None:
         if self.process is None or self.process.returncode is not None:
@@ -93,15 +115,61 @@ class ChildProcess:
         if self.process.returncode is None:
             self.signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.process.wait(), timeout_s)
+                await asyncio.wait_for(self.wait(), timeout_s)
             except asyncio.TimeoutError:
                 log.warning("process did not stop in time; killing it", extra={"child": self.name, "timeout_s": timeout_s})
-        # Children that outlived their parent are still in the group.
+        return await self.kill()
+
+    async def kill(self) -> int | None:
+        """SIGKILL the process group, including children that outlived the process, and wait for the exit."""
+        if self.process is None:
+            return None
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return await self.process.wait()
+        return await self.wait()
+
+
+class LineSplitter:
+    """Splits a byte stream into text lines, keeping at most `max_line_bytes` of any line.
+
+    The rest of a longer line is dropped as it arrives and counted in a marker
+    at the line's end; invalid UTF-8 becomes U+FFFD.
+    """
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._kept = bytearray()
+        self._dropped = 0
+
+    def feed(self, data: bytes) -> list[str]:
+        """The lines that `data` completes."""
+        lines = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._keep(data[start:end])
+            lines.append(self._take())
+            start = end + 1
+        self._keep(data[start:])
+        return lines
+
+    def close(self) -> list[str]:
+        """The last line, when the stream ended without a newline."""
+        return [self._take()] if self._kept or self._dropped else []
+
+    def _keep(self, piece: bytes) -> None:
+        room = self.max_line_bytes - len(self._kept)
+        self._kept += piece[:room]
+        self._dropped += max(0, len(piece) - room)
+
+    def _take(self) -> str:
+        line = self._kept.decode("utf-8", "replace")
+        if self._dropped:
+            line += f" [... {self._dropped} more bytes of this line not shown]"
+        self._kept.clear()
+        self._dropped = 0
+        return line
 
 
 def describe_exit(code: int) -> str:

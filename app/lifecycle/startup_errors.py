@@ -6,7 +6,8 @@ little memory for the KV cache, a context length above the model's, a flag
 the engine rejects, an architecture it cannot serve, a full disk, a gated
 model) are recognised here by the exact texts of the pinned vLLM and turned
 into one sentence that names the variable to change. Anything else is left
-to the caller, which then shows the engine's own last lines.
+to the caller, which then says how the engine exited and keeps its last lines
+apart (they are for /info, not for the public /health).
 
 `StartupError` is the exception the whole startup path raises with such a
 sentence (the preflight and the download raise it too).
@@ -231,9 +232,10 @@ def _disk_full(text: str, settings: Settings) -> str | None:
 def _gated(text: str, settings: Settings) -> str | None:
     if not GATED.search(text):
         return None
+    # The image downloads MODEL_NAME and LORA_MODULES itself; the engine gets no HF_TOKEN.
     return (
-        "The engine was refused a gated model: set HF_TOKEN to a token with access "
-        "(check MODEL_NAME and any repository named in VLLM_EXTRA_ARGS)."
+        "The engine was refused a gated repository named in VLLM_EXTRA_ARGS: the engine gets no HF_TOKEN, "
+        "so download that repository beforehand and give its local path there."
     )
 
 
@@ -242,7 +244,7 @@ def _not_found(text: str, settings: Settings) -> str | None:
         return None
     return (
         "The engine could not find a model: check MODEL_NAME and any repository named in VLLM_EXTRA_ARGS "
-        "(and HF_TOKEN for a private one)."
+        "(a private one must be given as a local path: the engine gets no HF_TOKEN)."
     )
 
 

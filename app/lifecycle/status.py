@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
 # The supervisor tells its wrapper processes where the status file is.
 STATUS_FILE_ENV = "APP_STATUS_FILE"
+# Bounds on the log tail in the status file, which every probe reads.
+LOG_TAIL_LINES = 20
+LOG_TAIL_LINE_CHARS = 1000
 
 
 class Phase(str, Enum):
@@ -57,20 +61,24 @@ class StartupStatus:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     download: DownloadProgress = field(default_factory=DownloadProgress)
     error: str | None = None
+    engine_log_tail: list[str] = field(default_factory=list)
     resolved_revision: str | None = None
     model_path: str | None = None
     engine_restarts: int = 0
 
-    def enter(self, phase: Phase, error: str | None = None) -> None:
+    def enter(self, phase: Phase, error: str | None = None, log_tail: Sequence[str] = ()) -> None:
+        """Start `phase`; `error` and the engine's `log_tail` behind it replace the previous ones."""
         now = time.time()
         previous = self.phase.value
         self.phase_seconds[previous] = round(self.phase_seconds.get(previous, 0.0) + now - self.phase_started, 3)
         self.phase, self.phase_started, self.error = phase, now, error
+        self.engine_log_tail = [line[:LOG_TAIL_LINE_CHARS] for line in list(log_tail)[-LOG_TAIL_LINES:]]
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self, private: bool = False) -> dict[str, object]:
+        """The status for probes; with `private`, also the engine's log tail (never for unauthenticated answers)."""
         seconds = dict(self.phase_seconds)
         seconds[self.phase.value] = round(seconds.get(self.phase.value, 0.0) + time.time() - self.phase_started, 3)
-        return {
+        body: dict[str, object] = {
             "phase": self.phase.value,
             "phase_seconds": seconds,
             "download": self.download.to_json(),
@@ -79,10 +87,13 @@ class StartupStatus:
             "model_path": self.model_path,
             "engine_restarts": self.engine_restarts,
         }
+        if private:
+            body["engine_log_tail"] = list(self.engine_log_tail)
+        return body
 
 
 def write_status(path: Path, status: StartupStatus) -> None:
-    payload = json.dumps({**status.to_json(), "phase_started": status.phase_started}).encode()
+    payload = json.dumps({**status.to_json(private=True), "phase_started": status.phase_started}).encode()
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(payload)
     os.replace(tmp, path)
@@ -106,6 +117,7 @@ def read_status(path: Path) -> StartupStatus | None:
             rate_bytes_s=download.get("rate_bytes_s"),
         ),
         error=data.get("error"),
+        engine_log_tail=list(data.get("engine_log_tail") or []),
         resolved_revision=data.get("resolved_revision"),
         model_path=data.get("model_path"),
         engine_restarts=data.get("engine_restarts", 0),

@@ -6,9 +6,12 @@ public port answers probes within about a second, then walks the lifecycle
 file the wrapper serves. From then on it supervises:
 
 - the wrapper exits → the engine is stopped and the container exits non-zero;
-- the engine dies while serving → ON_ENGINE_FAILURE: exit non-zero, or
-  relaunch it in place;
-- the engine fails to start → the failure becomes one actionable sentence;
+- the engine dies, or stops answering its health check for
+  ENGINE_HEALTH_TIMEOUT_S, while serving → ON_ENGINE_FAILURE: exit non-zero,
+  or relaunch it in place;
+- the engine fails to start → the failure becomes one actionable sentence
+  (`error`, public) and its last lines are kept apart (`engine_log_tail`,
+  only for /info);
   a memory shortfall is retried once with a smaller footprint; then
   ON_STARTUP_FAILURE: keep serving the error, or exit non-zero;
 - SIGTERM or SIGINT → the wrapper drains (DRAIN_TIMEOUT_S), the engine
@@ -18,6 +21,7 @@ file the wrapper serves. From then on it supervises:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import shutil
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -33,6 +38,7 @@ import aiohttp
 
 from app.config import ConfigError, Settings, load_settings
 from app.lifecycle.engine_args import build_engine_args, build_engine_launch
+from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
 from app.lifecycle.startup_errors import (
@@ -50,7 +56,8 @@ log = logging.getLogger("app.lifecycle")
 ENGINE_POLL_S = 0.5
 WRAPPER_STOP_MARGIN_S = 10.0
 ENGINE_STOP_TIMEOUT_S = 15.0
-ERROR_TAIL_LINES = 8
+# The engine's last lines repeated in the "engine died" log record.
+DEATH_RECORD_LINES = 8
 
 
 class StatusBoard:
@@ -66,10 +73,10 @@ class StatusBoard:
         with self._lock:
             write_status(self.path, self.status)
 
-    def enter(self, phase: Phase, error: str | None = None) -> None:
+    def enter(self, phase: Phase, error: str | None = None, log_tail: Sequence[str] = ()) -> None:
         with self._lock:
             if self.status.phase != phase or error:
-                self.status.enter(phase, error)
+                self.status.enter(phase, error, log_tail)
                 log.info("phase", extra={"phase": phase.value, "error": error})
             write_status(self.path, self.status)
 
@@ -178,21 +185,21 @@ class Supervisor:
             if outcome == "ready":
                 self.board.enter(Phase.READY)
                 log.info("ready", extra={"phase_seconds": self.board.status.to_json()["phase_seconds"]})
-                code = await self.engine.wait()
-                message = f"Engine {describe_exit(code)} while serving."
-                log.error("engine died", extra={"exit": describe_exit(code), "last_lines": list(self.engine.tail)[-ERROR_TAIL_LINES:]})
+                message = await self._serve(self.engine)
+                tail = list(self.engine.tail)
                 if self.settings.ON_ENGINE_FAILURE == "restart":
                     self.board.status.engine_restarts += 1
                     log.warning("restarting engine (ON_ENGINE_FAILURE=restart)")
-                    self.board.enter(Phase.LOADING, message + " Restarting it (ON_ENGINE_FAILURE=restart).")
+                    self.board.enter(Phase.LOADING, message + " Restarting it (ON_ENGINE_FAILURE=restart).", tail)
                     continue
-                self.board.enter(Phase.FAILED, message + " Exiting (ON_ENGINE_FAILURE=exit).")
+                self.board.enter(Phase.FAILED, message + " Exiting (ON_ENGINE_FAILURE=exit).", tail)
                 return 1
+            await self.engine.stop(ENGINE_STOP_TIMEOUT_S)  # after an exit: what it left behind
             if outcome == "timeout":
-                await self.engine.stop(ENGINE_STOP_TIMEOUT_S)
                 return await self._startup_failed(
                     f"The engine did not become healthy within ENGINE_STARTUP_TIMEOUT_S={settings.ENGINE_STARTUP_TIMEOUT_S:g}s; "
-                    "raise it for large models or slow disks."
+                    "raise it for large models or slow disks.",
+                    list(self.engine.tail),
                 )
             lines = list(self.engine.tail)
             if is_memory_shortfall(lines) and not retried:
@@ -208,10 +215,38 @@ class Supervisor:
                 )
                 settings = smaller
                 continue
-            sentence = classify_engine_failure(lines, self.settings)
-            if sentence is None:
-                sentence = f"The engine {outcome} during startup. Last lines: " + " | ".join(lines[-ERROR_TAIL_LINES:])
-            return await self._startup_failed(sentence)
+            sentence = classify_engine_failure(lines, self.settings) or (
+                f"The engine {outcome} during startup for a reason this image does not recognise: "
+                "its last lines are in the container log and in /info (engine_log_tail)."
+            )
+            return await self._startup_failed(sentence, lines)
+
+    async def _serve(self, engine: ChildProcess) -> str:
+        """Wait while the engine serves; the sentence that says why it stopped (it is gone by then)."""
+        assert self.session is not None
+        limit_s = self.settings.ENGINE_HEALTH_TIMEOUT_S
+        exited = asyncio.ensure_future(engine.wait())
+        silent = asyncio.ensure_future(wait_until_silent(self.session, f"{self.settings.engine_url}/health", limit_s))
+        try:
+            await asyncio.wait((exited, silent), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            silent.cancel()
+            exited.cancel()
+        if exited.done() and not exited.cancelled():
+            code = exited.result()
+            log.error("engine died", extra={"exit": describe_exit(code), "last_lines": list(engine.tail)[-DEATH_RECORD_LINES:]})
+            await engine.kill()  # what it left behind, such as its engine-core process
+            return f"Engine {describe_exit(code)} while serving."
+        seconds = silent.result()
+        log.error(
+            "engine stopped answering its health check; killing it",
+            extra={"silent_s": round(seconds, 1), "engine_health_timeout_s": limit_s, "pid": engine.pid},
+        )
+        await engine.kill()
+        return (
+            f"The engine stopped answering its health check for {seconds:.0f} s "
+            f"(ENGINE_HEALTH_TIMEOUT_S={limit_s:g}) and was killed."
+        )
 
     async def _prepare_model(self) -> PreparedModel:
         """Runs the blocking download in a daemon thread, so a stop never waits for it."""
@@ -245,8 +280,8 @@ class Supervisor:
                 return "timeout"
             await asyncio.sleep(ENGINE_POLL_S)
 
-    async def _startup_failed(self, sentence: str) -> int:
-        self.board.enter(Phase.FAILED, sentence)
+    async def _startup_failed(self, sentence: str, log_tail: Sequence[str] = ()) -> int:
+        self.board.enter(Phase.FAILED, sentence, log_tail)
         log.error("startup failed", extra={"error": sentence, "on_startup_failure": self.settings.ON_STARTUP_FAILURE})
         if self.settings.ON_STARTUP_FAILURE == "exit":
             return 1
@@ -271,6 +306,26 @@ def _smaller_footprint(settings: Settings, fitting_max_model_len: int | None) ->
     return settings.model_copy(update=update)
 
 
+def warn_if_open(settings: Settings) -> None:
+    """One warning when the wrapper listens beyond this machine with no API_KEY."""
+    if settings.api_keys or _is_loopback(settings.HOST):
+        return
+    exposed = "use the model and read stored conversations" if settings.CONVERSATIONS_ENABLED else "use the model"
+    log.warning(
+        f"HOST={settings.HOST} with no API_KEY: anyone who can reach port {settings.PORT} can {exposed}; "
+        "set API_KEY, or HOST=127.0.0.1 behind a proxy that authenticates.",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def main() -> int:
     try:
         settings = load_settings()
@@ -280,6 +335,7 @@ def main() -> int:
         return 2
     configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
     install_secret_redaction(settings.secret_values)
+    warn_if_open(settings)
     runtime_dir = Path(tempfile.mkdtemp(prefix="vllm-inference-api-"))
     try:
         return asyncio.run(Supervisor(settings, runtime_dir).run())

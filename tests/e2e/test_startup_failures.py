@@ -10,7 +10,9 @@ Three kinds of failure are started through `scripts/start.sh`, as a user would:
   exits non-zero after one error line; by default (serve) it keeps running and
   answers /health, /ping and the API with 503 and the sentence.
 - The real engine refuses the configuration (MAX_MODEL_LEN above the model's
-  2048 positions): the engine's output becomes the same kind of sentence.
+  2048 positions): the engine's output becomes the same kind of sentence. A
+  refusal the image does not recognise says how the engine exited; the
+  engine's own lines stay out of the unauthenticated /health and /ping.
 - The real engine's KV cache cannot hold the requested context: the one retry
   uses the context length the engine estimated would fit, and the model serves.
 
@@ -234,7 +236,46 @@ def test_a_context_above_the_models_limit_is_served_as_the_classifiers_sentence(
     sentence = assert_serves_the_failure(stack, health, "tiny-chat")
     assert "MAX_MODEL_LEN=100000" in sentence and "set MAX_MODEL_LEN to 2048 or less" in sentence, sentence
     assert str(startup_failure_line(stack)["error"]) == sentence
+    assert "User-specified max_model_len" in stack.raw_log()
+    assert "User-specified max_model_len" not in health.text  # the engine's own line stays in the log
     assert_stops_cleanly(stack)
+
+
+def test_an_unrecognised_engine_failure_says_how_the_engine_exited_and_keeps_its_lines_private(
+    stacks: list[Stack], tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    stack = start_stack(
+        model_dir("tiny-llama"),
+        port=port(85),
+        vllm_port=port(86),
+        log_path=tmp_path / "unrecognised.log",
+        # The engine's configuration check refuses this with a traceback no describer knows.
+        extra_env={"VLLM_EXTRA_ARGS": """--speculative-config '{"method": "bogus"}'""", "SERVED_MODEL_NAME": "tiny-chat"},
+        wait=False,
+    )
+    stacks.append(stack)
+
+    health = wait_for_failed_phase(stack, started, ENGINE_FAILURE_TIMEOUT_S)
+
+    sentence = assert_serves_the_failure(stack, health, "tiny-chat")
+    assert sentence.startswith("The engine exited with code 1 during startup"), sentence
+    assert "engine_log_tail" in sentence  # where to look
+    engine_words = ("ValidationError", "SpeculativeConfig", "Traceback")
+    assert all(word in stack.raw_log() for word in engine_words)
+    ping = httpx.get(f"{stack.base_url}/ping", timeout=5)
+    for answer in (health.text, ping.text):
+        assert not any(word in answer for word in engine_words), answer
+    # The engine's last lines are published for the key-protected /info.
+    tail = published_status(stack)["engine_log_tail"]
+    assert any("ValidationError" in line for line in tail), tail
+    assert_stops_cleanly(stack)
+
+
+def published_status(stack: Stack) -> dict[str, object]:
+    """The status file the supervisor publishes for its wrappers (found in a wrapper's environment)."""
+    wrapper = next(child for child in stack.descendants() if "app.serve" in child.cmdline())
+    return json.loads(Path(wrapper.environ()["APP_STATUS_FILE"]).read_text())
 
 
 def test_a_context_above_the_models_limit_exits_non_zero_with_on_startup_failure_exit(

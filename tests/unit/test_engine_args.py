@@ -85,6 +85,50 @@ def test_cpu_engine_environment() -> None:
     assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env(settings, "cuda", base={})
 
 
+WRAPPER_SECRETS = {
+    "API_KEY": "sk-wrapper-key",
+    "CONVERSATIONS_DB_URL": "postgresql://app:db-password@db:5432/chat",
+    "HF_TOKEN": "hf_secret_token",
+    "HUGGING_FACE_HUB_TOKEN": "hf_secret_token",
+    "VLLM_API_KEY": "stray-engine-key",
+    "PGPASSWORD": "db-password",
+}
+# What operators set for the engine and its libraries; none of it is a setting of the image.
+ENGINE_VARIABLES = {
+    "CUDA_VISIBLE_DEVICES": "0,1",
+    "NCCL_SOCKET_IFNAME": "eth0",
+    "NCCL_DEBUG": "INFO",
+    "VLLM_LOGGING_LEVEL": "DEBUG",
+    "VLLM_ATTENTION_BACKEND": "FLASHINFER",
+    "OMP_NUM_THREADS": "8",
+    "TORCH_CUDA_ARCH_LIST": "8.0",
+    "LD_LIBRARY_PATH": "/usr/local/nvidia/lib64",
+    "PATH": "/usr/bin",
+    "HOME": "/root",
+    "HF_HOME": "/cache/hf",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_ACCESS_KEY_ID": "for-a-model-loader",
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_engine_gets_the_containers_environment_without_the_wrappers_settings_and_secrets(device: str) -> None:
+    wrapper_settings = {
+        "PORT": "8000", "HOST": "0.0.0.0", "VLLM_PORT": "8001", "MODEL_NAME": "org/model", "LOG_LEVEL": "DEBUG",
+        "MAX_CONCURRENT_REQUESTS": "8", "ON_ENGINE_FAILURE": "restart", "VLLM_EXTRA_ARGS": "--seed 1",
+        "conversations_db_url": "postgresql://lower:case@db/chat",  # settings are read in any case
+    }
+    base = {**ENGINE_VARIABLES, **WRAPPER_SECRETS, **wrapper_settings}
+    env = engine_env(load_settings(base), device, base=base)
+
+    assert {name: env.get(name) for name in ENGINE_VARIABLES} == ENGINE_VARIABLES
+    for name in [*WRAPPER_SECRETS, *wrapper_settings]:
+        assert name not in env, name
+    values = "\n".join(env.values())
+    for secret in [*WRAPPER_SECRETS.values(), "lower:case"]:
+        assert secret not in values
+
+
 def test_forced_cpu_device_runs_the_engine_module() -> None:
     launch = build_engine_launch(load_settings({"DEVICE": "cpu"}), "/m", TEXT, base_env={})
     assert launch.device == "cpu"

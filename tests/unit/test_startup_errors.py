@@ -231,7 +231,7 @@ def test_an_unknown_model_type_is_named() -> None:
         # huggingface_hub/utils/_http.py
         (
             "huggingface_hub.errors.GatedRepoError: 401 Client Error. Cannot access gated repo for url https://huggingface.co/org/model/resolve/main/config.json.",
-            "The engine was refused a gated model: set HF_TOKEN",
+            "The engine was refused a gated repository named in VLLM_EXTRA_ARGS: the engine gets no HF_TOKEN",
         ),
         # transformers/utils/hub.py
         (

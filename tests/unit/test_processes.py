@@ -1,0 +1,71 @@
+"""The engine's output is read to the end, whatever it writes, so the engine never blocks on its log.
+
+The child here is a real process writing to the real pipe the supervisor reads;
+what it writes is what breaks a line reader: a line of megabytes, a long
+stretch without a newline, bytes that are not UTF-8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import pytest
+
+from app.lifecycle.processes import MAX_LINE_BYTES, ChildProcess, LineSplitter
+
+# Far longer than asyncio's 64 KiB readline limit and the pipe's buffer.
+HUGE_LINE_BYTES = 8 * 1024 * 1024
+LATER_LINES = 2000
+EXIT_TIMEOUT_S = 120.0
+
+CHATTY_CHILD = f"""
+import sys, time
+out = sys.stdout.buffer
+out.write(b"first line\\n")
+out.write(b"x" * {HUGE_LINE_BYTES} + b"\\n")
+out.write(b"no newline for a while " + b"y" * 300_000)
+out.flush()
+time.sleep(1)
+out.write(b" then the end\\n")
+out.write(b"invalid utf-8: \\xff\\xfe here\\n")
+for index in range({LATER_LINES}):
+    out.write(b"later line %d\\n" % index)
+out.write(b"last words without a newline")
+"""
+
+
+async def test_the_reader_survives_huge_lines_and_the_child_never_blocks(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="engine")
+    child = ChildProcess("engine", [sys.executable, "-c", CHATTY_CHILD], {}, capture_output=True)
+    await child.start()
+
+    code = await asyncio.wait_for(child.wait(), EXIT_TIMEOUT_S)
+
+    assert code == 0
+    forwarded = [record.getMessage() for record in caplog.records if record.name == "engine"]
+    assert forwarded[0] == "first line"
+    huge = forwarded[1]
+    assert huge.startswith("x" * 100) and huge.endswith(f"[... {HUGE_LINE_BYTES - MAX_LINE_BYTES} more bytes of this line not shown]")
+    assert forwarded[2].startswith("no newline for a while yyy") and "more bytes of this line not shown" in forwarded[2]
+    assert forwarded[3] == "invalid utf-8: \ufffd\ufffd here"
+    assert forwarded[4:-1] == [f"later line {index}" for index in range(LATER_LINES)]
+    assert forwarded[-1] == "last words without a newline"
+    assert max(len(line.encode()) for line in child.tail) < MAX_LINE_BYTES + 100
+    assert child.tail[-1] == "last words without a newline"
+
+
+def test_lines_split_across_chunks_are_joined() -> None:
+    splitter = LineSplitter(max_line_bytes=100)
+    assert splitter.feed(b"one\ntw") == ["one"]
+    assert splitter.feed(b"o\n\nthr") == ["two", ""]
+    assert splitter.feed(b"ee") == []
+    assert splitter.close() == ["three"]
+    assert splitter.close() == []
+
+
+def test_a_long_line_keeps_its_start_and_counts_what_was_cut() -> None:
+    splitter = LineSplitter(max_line_bytes=10)
+    assert splitter.feed(b"0123456789abc") == []
+    assert splitter.feed(b"def\nnext\n") == ["0123456789 [... 6 more bytes of this line not shown]", "next"]
