@@ -146,6 +146,9 @@ def _operations_router(services: Services) -> APIRouter:
             "uptime_s": round(time.time() - started_at, 3),
             "startup": status.to_json()["phase_seconds"] if status else None,
             "phase": status.phase.value if status else Phase.READY.value,
+            "error": status.error if status else None,
+            # The engine's last lines after a failed start: operators only, never on the open probes.
+            "engine_log_tail": status.engine_log_tail if status else [],
         })
 
     return router

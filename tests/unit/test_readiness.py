@@ -54,7 +54,7 @@ async def engine() -> AsyncIterator[tuple[GatedHealth, str]]:
 async def test_a_check_overtaken_by_an_engine_failure_reports_unhealthy(engine: tuple[GatedHealth, str]) -> None:
     health, url = engine
     async with aiohttp.ClientSession() as session:
-        readiness = Readiness(None, url)
+        readiness = Readiness(None, url, is_draining=lambda: False)
         readiness.bind(session)
         check = asyncio.ensure_future(readiness.engine_healthy())
         await asyncio.wait_for(health.wait_for_requests(1), WAIT_S)
