@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     PORT_HEALTH: int | None = Field(
         None, ge=1, le=65535, description="Extra port that serves /ping (RunPod load balancer); default PORT."
     )
+    HEALTH_CHECK_PATH: str = Field(
+        "/ping", description="Path the RunPod load balancer polls; it gets the /ping answers (204 loading, 200 ready)."
+    )
     WORKERS: int = Field(1, ge=1, le=64, description="Wrapper processes sharing PORT.")
     API_KEY: SecretStr | None = Field(
         None, description="Comma-separated keys; when set, inference routes need `Authorization: Bearer KEY`."
@@ -223,6 +226,18 @@ class Settings(BaseSettings):
                 "password): use postgresql://user:password@host:port/database",
             ) from None
         return SecretStr(url)
+
+    @field_validator("HEALTH_CHECK_PATH")
+    @classmethod
+    def _health_check_path(cls, value: str) -> str:
+        from app.routes import build_route_table
+
+        if not value.startswith("/") or "?" in value or "#" in value or " " in value:
+            raise ValueError("write a path such as /ping or /healthz, without scheme, host or query")
+        taken = build_route_table().match(value)
+        if value != "/ping" and taken.handler != "unknown":
+            raise ValueError(f"{value} is already a route of this server ({taken.label}); pick a free path")
+        return value
 
     @model_validator(mode="after")
     def _check_model(self) -> Settings:

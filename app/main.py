@@ -98,6 +98,9 @@ def _operations_router(services: Services) -> APIRouter:
         error = snapshot.status.error if snapshot.status else None
         return JSONResponse({"status": snapshot.phase, "error": error}, status_code=503)
 
+    if settings.HEALTH_CHECK_PATH != "/ping":
+        router.add_api_route(settings.HEALTH_CHECK_PATH, ping, methods=["GET"], include_in_schema=False)
+
     @router.get("/health")
     async def health() -> JSONResponse:
         snapshot = await readiness.snapshot()

@@ -44,10 +44,13 @@ class Services:
         readiness = Readiness(status_file, settings.engine_url, is_draining=lambda: gateway.draining)
         engine = EngineClient(settings, readiness)
         media = MediaService(settings, readiness)
+        routes = build_route_table()
+        if settings.HEALTH_CHECK_PATH != "/ping":
+            routes.add_alias(settings.HEALTH_CHECK_PATH, routes.match("/ping"))
         return cls(
             settings=settings,
             keys=KeyCheck(settings.api_keys),
-            routes=build_route_table(),
+            routes=routes,
             gateway=gateway,
             readiness=readiness,
             engine=engine,

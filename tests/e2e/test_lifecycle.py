@@ -38,6 +38,8 @@ PROBE_INTERVAL_S = 0.2
 # Generous for a busy machine; what matters is that the port answers while the model is downloading.
 PORT_BIND_BOUND_S = 30.0
 INITIALIZING_PHASES = {"preflight", "downloading", "loading"}
+# RunPod polls this path instead of /ping when the endpoint sets it.
+HEALTH_CHECK_PATH = "/healthz"
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Probe:
     ping_body: bytes
     health_status: int
     health: dict[str, object]
+    healthz_status: int  # HEALTH_CHECK_PATH, asked right after /ping
+    healthz_body: bytes
 
 
 @dataclass
@@ -89,6 +93,7 @@ def hub_stack_env(hub: FakeHub, hf_home: Path) -> dict[str, str]:
         "HF_TOKEN": "",
         "LORA_MODULES": f"{ADAPTER_NAME}={ADAPTER_ID}",
         "MAX_MODEL_LEN": "2048",
+        "HEALTH_CHECK_PATH": HEALTH_CHECK_PATH,
     }
 
 
@@ -103,11 +108,15 @@ def observe_start(stack: Stack, started: float, timeout_s: float = ENGINE_READY_
             seconds = time.monotonic() - started
             try:
                 ping = client.get("/ping")
+                healthz = client.get(HEALTH_CHECK_PATH)
                 health = client.get("/health")
             except httpx.TransportError:
                 time.sleep(PROBE_INTERVAL_S)
                 continue
-            probes.append(Probe(seconds, ping.status_code, ping.content, health.status_code, health.json()))
+            probes.append(Probe(
+                seconds, ping.status_code, ping.content, health.status_code, health.json(),
+                healthz.status_code, healthz.content,
+            ))
             if ping.status_code == 200:
                 return probes
             time.sleep(PROBE_INTERVAL_S)
@@ -168,6 +177,19 @@ def test_ping_is_204_without_a_body_while_downloading_and_loading_then_200(hub_s
         assert probe.ping_status in (200, 204), probe
     assert probes[-1].ping_status == 200 and probes[-1].health["phase"] == "ready"
     assert probes[-1].health_status == 200
+
+
+def test_health_check_path_answers_like_ping(hub_start: ObservedStart) -> None:
+    """HEALTH_CHECK_PATH=/healthz: 204 without a body while the model loads, 200 once it serves."""
+    probes = hub_start.probes
+    loading = [probe for probe in probes if probe.ping_status == 204 and probe.health["phase"] in INITIALIZING_PHASES]
+    assert loading, "the start was never seen initializing"
+    # /healthz is asked right after /ping: while /health still initializes, it was initializing too.
+    for probe in loading:
+        assert (probe.healthz_status, probe.healthz_body) == (204, b""), probe
+    with httpx.Client(base_url=hub_start.stack.base_url, timeout=5) as client:
+        ready = client.get(HEALTH_CHECK_PATH)
+    assert ready.status_code == 200 and ready.json() == {"status": "healthy"}
 
 
 def test_health_reports_the_download_while_it_runs(hub_start: ObservedStart, hub: FakeHub) -> None:

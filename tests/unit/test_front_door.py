@@ -359,3 +359,16 @@ async def test_server_stays_healthy_after_refusals(engine: FakeEngine) -> None:
             assert (await client.get("/health")).status_code == 200
         async with httpx.AsyncClient(base_url=wrapper.url) as fresh:
             assert (await fresh.get("/health/live")).status_code == 200
+
+
+async def test_health_check_path_serves_the_ping_answers(engine: FakeEngine) -> None:
+    async with running_wrapper(engine.url, HEALTH_CHECK_PATH="/healthz", API_KEY=KEY) as wrapper:
+        async with wrapper.client() as client:
+            ping, healthz = await client.get("/ping"), await client.get("/healthz")
+            assert healthz.status_code == ping.status_code == 200, "open like /ping, ready: the engine answers"
+            assert healthz.json() == ping.json()
+        await engine.stop()
+        async with wrapper.client() as client, asyncio.timeout(30):
+            while (down := await client.get("/healthz")).status_code == 200:
+                await asyncio.sleep(0.05)  # the engine check is cached for half a second
+        assert down.status_code == 503 and down.json()["status"] == "engine_unavailable"

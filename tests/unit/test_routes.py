@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from app.config import ConfigError, load_settings
 from app.media import MEDIA_ROUTES
 from app.routes import ENGINE_ROUTES, OTHER, WRAPPER_ROUTES, build_route_table
 
@@ -43,3 +44,14 @@ def test_only_probes_are_public_and_engine_work_takes_a_slot() -> None:
     assert public == {"/ping", "/health", "/health/live", "/health/ready"}
     assert all(route.admitted for route in ENGINE_ROUTES)
     assert {route.label for route in WRAPPER_ROUTES if route.admitted} == {"/generate"}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("healthz", "write a path"), ("/health", "already a route"), ("/v1/models", "already a route"),
+     ("/x?y=1", "write a path")],
+)
+def test_a_health_check_path_that_cannot_work_fails_at_start(value: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"HEALTH_CHECK_PATH": value})
+    assert str(raised.value).startswith("Invalid setting HEALTH_CHECK_PATH") and reason in str(raised.value)
