@@ -11,6 +11,17 @@ module does both once, synchronously and with asyncio, and doubles as a demo:
     python client_example.py --base-url URL --video clip.mp4 "What happens here?"
     python client_example.py --base-url URL --async --image https://example.com/cat.png "What is it?"
 
+`/generate` conversations (`generate()`): on a RunPod Serverless endpoint with
+several workers, each conversation is stored by the worker that started it
+(unless the deployment sets `CONVERSATIONS_DB_URL`). RunPod names that worker in
+the `X-Runpod-Worker-Id` response header; the client remembers it per
+conversation and sends it back with the conversation's next turns, so they
+reach the same worker (see `WorkerAffinity`):
+
+    client = InferenceClient("https://ENDPOINT_ID.api.runpod.ai", api_key=RUNPOD_API_KEY)
+    first = client.generate("Hi, I am Alice.")
+    client.generate("What is my name?", conversation_id=first["conversation_id"])
+
 Retries: the SDK retries 408, 409, 429, every 5xx (503 while the model loads
 or the server drains) and connection errors, with exponential backoff from
 0.5 s up to 8 s (less up to 25 % jitter). A `Retry-After` (or
@@ -30,10 +41,12 @@ import io
 import mimetypes
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
+import httpx2
 import openai
 from openai.types.chat import ChatCompletion
 
@@ -47,6 +60,10 @@ Message = dict[str, Any]
 
 DEFAULT_MAX_RETRIES = 4
 DEFAULT_TIMEOUT_S = 600.0
+WORKER_ID_HEADER = "X-Runpod-Worker-Id"
+# Conversations whose worker the client remembers; the least recently used is forgotten first.
+MAX_PINNED_CONVERSATIONS = 10_000
+AffinityMode = Literal["strict", "strict-resume", "soft"]
 REMOTE_PREFIXES = ("http://", "https://", "data:")
 # Magic numbers of the formats the image processors of vLLM models accept.
 IMAGE_SIGNATURES = (
@@ -135,6 +152,53 @@ def api_base(base_url: str) -> str:
     return base if base.endswith("/v1") else f"{base}/v1"
 
 
+def server_root(base_url: str) -> str:
+    """`http://host:8000/v1` or `http://host:8000` -> `http://host:8000`, where /generate lives."""
+    return api_base(base_url).removesuffix("/v1")
+
+
+def generate_body(message: str, conversation_id: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
+    body = {"message": message, **params}
+    if conversation_id:
+        body["conversation_id"] = conversation_id
+    return body
+
+
+class WorkerAffinity:
+    """Which RunPod Serverless worker holds each `/generate` conversation.
+
+    A load-balancing endpoint names the worker that served a response in
+    `X-Runpod-Worker-Id` and routes a request that sends the header back to that
+    worker. The modes are RunPod's: `strict` (the default) uses only that worker,
+    waits up to about 5 minutes while it is at capacity (then 400), and gets
+    RunPod's 404 `affinity_worker_gone` once the worker is gone, with the
+    conversations it stored; `strict-resume` also resumes the worker when it was
+    scaled down; `soft` prefers it but lets RunPod pick another worker when it is
+    busy or gone, and that worker answers 404 `conversation_not_found`. Servers
+    that set no header (a pod, a local run) pin nothing.
+    """
+
+    def __init__(self, mode: AffinityMode = "strict") -> None:
+        self.mode = mode
+        self._workers: OrderedDict[str, str] = OrderedDict()
+
+    def headers(self, conversation_id: str | None) -> dict[str, str]:
+        """The header that sends a turn of this conversation to its worker (none when unknown)."""
+        worker = self._workers.get(conversation_id) if conversation_id else None
+        if worker is None:
+            return {}
+        return {WORKER_ID_HEADER: worker if self.mode == "soft" else f"{self.mode} {worker}"}
+
+    def remember(self, conversation_id: str | None, worker: str | None) -> None:
+        """Pin the conversation to the worker that served its latest turn."""
+        if not conversation_id or not worker:
+            return
+        self._workers[conversation_id] = worker
+        self._workers.move_to_end(conversation_id)
+        while len(self._workers) > MAX_PINNED_CONVERSATIONS:
+            self._workers.popitem(last=False)
+
+
 class InferenceClient:
     """Chat with a deployment; `model` defaults to the one it serves."""
 
@@ -145,6 +209,7 @@ class InferenceClient:
         model: str | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        affinity: AffinityMode = "strict",
     ) -> None:
         # The SDK insists on a key; a deployment without API_KEY ignores it.
         self.openai = openai.OpenAI(
@@ -154,6 +219,8 @@ class InferenceClient:
             timeout=timeout_s,
         )
         self._model = model
+        self.server_url = server_root(base_url)
+        self.affinity = WorkerAffinity(affinity)
 
     @property
     def model(self) -> str:
@@ -195,6 +262,22 @@ class InferenceClient:
                     if choice.delta.content:
                         yield choice.delta.content
 
+    def generate(self, message: str, conversation_id: str | None = None, **params: Any) -> dict[str, Any]:
+        """One `/generate` turn, continuing `conversation_id` (or starting one); the JSON reply.
+
+        `params` go to the API as they are (max_tokens, temperature, system, ...).
+        The turn goes to the RunPod worker that holds the conversation.
+        """
+        response = self.openai.post(
+            f"{self.server_url}/generate",
+            cast_to=httpx2.Response,
+            body=generate_body(message, conversation_id, params),
+            options={"headers": self.affinity.headers(conversation_id)},
+        )
+        reply: dict[str, Any] = response.json()
+        self.affinity.remember(reply.get("conversation_id"), response.headers.get(WORKER_ID_HEADER))
+        return reply
+
 
 class AsyncInferenceClient:
     """The asyncio twin of `InferenceClient`, for many requests at once."""
@@ -206,6 +289,7 @@ class AsyncInferenceClient:
         model: str | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        affinity: AffinityMode = "strict",
     ) -> None:
         self.openai = openai.AsyncOpenAI(
             base_url=api_base(base_url),
@@ -214,6 +298,8 @@ class AsyncInferenceClient:
             timeout=timeout_s,
         )
         self._model = model
+        self.server_url = server_root(base_url)
+        self.affinity = WorkerAffinity(affinity)
 
     async def model(self) -> str:
         if self._model is None:
@@ -251,6 +337,18 @@ class AsyncInferenceClient:
                 for choice in chunk.choices:
                     if choice.delta.content:
                         yield choice.delta.content
+
+    async def generate(self, message: str, conversation_id: str | None = None, **params: Any) -> dict[str, Any]:
+        """One `/generate` turn; see `InferenceClient.generate`."""
+        response = await self.openai.post(
+            f"{self.server_url}/generate",
+            cast_to=httpx2.Response,
+            body=generate_body(message, conversation_id, params),
+            options={"headers": self.affinity.headers(conversation_id)},
+        )
+        reply: dict[str, Any] = response.json()
+        self.affinity.remember(reply.get("conversation_id"), response.headers.get(WORKER_ID_HEADER))
+        return reply
 
     async def close(self) -> None:
         await self.openai.close()

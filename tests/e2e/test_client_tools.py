@@ -228,6 +228,16 @@ def test_client_chat_and_stream_on_text_stack(text_stack: Stack) -> None:
     assert "".join(pieces) == reply.choices[0].message.content
 
 
+def test_client_generate_continues_a_conversation_on_text_stack(text_stack: Stack) -> None:
+    client = ce.InferenceClient(text_stack.base_url, max_retries=0)
+    first = client.generate("Hi, I am Alice.", max_tokens=4)
+    second = client.generate("What is my name?", conversation_id=first["conversation_id"], max_tokens=4)
+    assert second["conversation_id"] == first["conversation_id"]
+    assert second["tokens_generated"] >= 1
+    # A pod or a local server names no RunPod worker, so nothing is pinned.
+    assert client.affinity.headers(first["conversation_id"]) == {}
+
+
 def test_client_sends_an_image_from_a_path(vlm_stack: Stack, tmp_path: Path) -> None:
     path = tmp_path / "red.jpg"
     Image.new("RGB", (48, 32), (200, 20, 20)).save(path)

@@ -1,8 +1,10 @@
-"""client_example.py: media packing and retry behaviour, against a scripted local server.
+"""client_example.py: media packing, retries and /generate worker affinity, against local servers.
 
 The retry rules are the openai SDK's; these tests pin what a user of the
 client relies on: 429 and 503 are retried (honouring Retry-After), a dropped
 connection is retried, and after `max_retries` the error reaches the caller.
+Worker affinity is shown against a stand-in for RunPod's load balancer: the
+turns of a conversation return to the worker that stores it.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from PIL import Image
@@ -191,3 +196,154 @@ def test_async_client_retries_the_same_way(stub: Script) -> None:
 
     assert asyncio.run(ask()) == "hi"
     assert len(stub.requests) == 2
+
+
+# --- /generate conversations and RunPod worker affinity ---------------------------------------
+
+
+@dataclass
+class LoadBalancerStandIn:
+    """A stand-in for a RunPod load-balancing endpoint with two workers, each with its own store.
+
+    RunPod itself cannot be reached from here. Like its load balancer, the stand-in
+    names the serving worker in `X-Runpod-Worker-Id` (unless `names_workers` is off),
+    routes a request whose header names a worker (`strict <id>`, `strict-resume <id>`
+    or `<id>`) to that worker, and spreads the others round-robin. Like the wrapper,
+    a worker answers 404 for a conversation its own store does not hold.
+    """
+
+    url: str = ""
+    names_workers: bool = True
+    stores: dict[str, set[str]] = field(default_factory=lambda: {"worker-a": set(), "worker-b": set()})
+    seen: list[tuple[str | None, str | None]] = field(default_factory=list)  # (conversation_id, header) per request
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    def route(self, header: str | None) -> str:
+        if header:
+            return header.split()[-1]
+        return sorted(self.stores)[next(self._turn) % len(self.stores)]
+
+
+@pytest.fixture
+def load_balancer() -> Iterator[LoadBalancerStandIn]:
+    stand_in = LoadBalancerStandIn()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            assert self.path == "/generate"
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            header = self.headers.get(ce.WORKER_ID_HEADER)
+            stand_in.seen.append((body.get("conversation_id"), header))
+            worker = stand_in.route(header)
+            conversation_id = body.get("conversation_id") or uuid.uuid4().hex
+            if body.get("conversation_id") and conversation_id not in stand_in.stores[worker]:
+                status, payload = (
+                    404,
+                    {
+                        "error": {
+                            "message": "No conversation",
+                            "type": "not_found_error",
+                            "param": "conversation_id",
+                            "code": "conversation_not_found",
+                        }
+                    },
+                )
+            else:
+                stand_in.stores[worker].add(conversation_id)
+                status, payload = (
+                    200,
+                    {"response": f"{body['message']} (from {worker})", "conversation_id": conversation_id},
+                )
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if stand_in.names_workers:
+                self.send_header(ce.WORKER_ID_HEADER, worker)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    stand_in.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield stand_in
+    server.shutdown()
+    server.server_close()
+
+
+def test_conversation_turns_go_back_to_the_worker_that_holds_them(load_balancer: LoadBalancerStandIn) -> None:
+    client = ce.InferenceClient(load_balancer.url, max_retries=0, timeout_s=10)
+    alice = client.generate("Hi, I am Alice.")
+    bob = client.generate("Hi, I am Bob.")
+    assert alice["response"].endswith("(from worker-a)") and bob["response"].endswith("(from worker-b)")
+    for _ in range(3):
+        assert client.generate("Again", conversation_id=alice["conversation_id"])["response"].endswith("worker-a)")
+        assert client.generate("Again", conversation_id=bob["conversation_id"])["response"].endswith("worker-b)")
+    # New conversations carry no header; each later turn names its worker, strictly by default.
+    pinned = [(alice["conversation_id"], "strict worker-a"), (bob["conversation_id"], "strict worker-b")]
+    assert load_balancer.seen == [(None, None), (None, None), *pinned * 3]
+
+
+def test_without_the_worker_header_the_next_turn_can_land_on_another_worker(
+    load_balancer: LoadBalancerStandIn,
+) -> None:
+    """What the client prevents: the stand-in spreads turns without a header across workers."""
+    first = httpx.post(f"{load_balancer.url}/generate", json={"message": "Hi"}, timeout=10)
+    second = httpx.post(
+        f"{load_balancer.url}/generate",
+        json={"message": "Again", "conversation_id": first.json()["conversation_id"]},
+        timeout=10,
+    )
+    assert first.headers[ce.WORKER_ID_HEADER] != second.headers[ce.WORKER_ID_HEADER]
+    assert second.status_code == 404
+
+
+def test_no_worker_header_is_sent_when_the_server_names_none(load_balancer: LoadBalancerStandIn) -> None:
+    load_balancer.names_workers = False
+    client = ce.InferenceClient(load_balancer.url, max_retries=0, timeout_s=10)
+    conversation_id = client.generate("Hi")["conversation_id"]
+    with pytest.raises(openai.NotFoundError):  # the stand-in's second worker does not hold it
+        client.generate("Again", conversation_id=conversation_id)
+    assert [header for _, header in load_balancer.seen] == [None, None]
+
+
+def test_async_client_pins_conversations_the_same_way(load_balancer: LoadBalancerStandIn) -> None:
+    async def talk() -> list[str]:
+        client = ce.AsyncInferenceClient(load_balancer.url, max_retries=0, timeout_s=10, affinity="strict-resume")
+        try:
+            first = await client.generate("Hi")
+            return [
+                (await client.generate("Again", conversation_id=first["conversation_id"]))["response"] for _ in range(3)
+            ]
+        finally:
+            await client.close()
+
+    assert all(reply.endswith("(from worker-a)") for reply in asyncio.run(talk()))
+    assert [header for _, header in load_balancer.seen] == [None, *["strict-resume worker-a"] * 3]
+
+
+def test_affinity_modes_write_runpods_header_values() -> None:
+    for mode, expected in (("strict", "strict pod-1"), ("strict-resume", "strict-resume pod-1"), ("soft", "pod-1")):
+        affinity = ce.WorkerAffinity(mode)
+        affinity.remember("c1", "pod-1")
+        assert affinity.headers("c1") == {ce.WORKER_ID_HEADER: expected}
+        assert affinity.headers("c2") == {} and affinity.headers(None) == {}
+
+
+def test_the_latest_worker_wins_and_old_conversations_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ce, "MAX_PINNED_CONVERSATIONS", 2)
+    affinity = ce.WorkerAffinity()
+    affinity.remember("c1", "pod-1")
+    affinity.remember("c1", "pod-2")  # RunPod reports the worker that actually served the turn
+    affinity.remember("c2", "pod-3")
+    affinity.remember("c3", "pod-4")
+    assert affinity.headers("c1") == {}
+    assert affinity.headers("c2") == {ce.WORKER_ID_HEADER: "strict pod-3"}
+    affinity.remember("c4", "pod-5")
+    assert affinity.headers("c2") == {} and affinity.headers("c3") == {ce.WORKER_ID_HEADER: "strict pod-4"}
