@@ -52,7 +52,8 @@ SETTING_OF_FLAG = {
 # Secrets that are no setting: the Hub token's older name, the PostgreSQL password the
 # conversation store's driver reads, and vLLM's own API key (with it the engine answers
 # the wrapper's requests with 401).
-WITHHELD_VARIABLES = frozenset({"HUGGING_FACE_HUB_TOKEN", "PGPASSWORD", "VLLM_API_KEY"})
+# RUNPOD_API_KEY: the key RunPod gives pods for its own API, which the engine has no use for.
+WITHHELD_VARIABLES = frozenset({"HUGGING_FACE_HUB_TOKEN", "PGPASSWORD", "VLLM_API_KEY", "RUNPOD_API_KEY"})
 # Settings whose variable the engine's libraries read as well.
 SETTINGS_THE_ENGINE_READS = frozenset({"HF_HOME"})
 
