@@ -46,6 +46,7 @@ class FakeEngine:
     fail_mid_stream: bool = False  # an error event after the first pieces, like vLLM's
     cut_mid_stream: bool = False  # the connection dropped after the first pieces, like a crash
     stall_after_first: bool = False  # the first piece, then silence
+    drop_requests: int = 0  # this many requests get no answer: the connection closes, as a stale keep-alive one does
     received: list[Received] = field(default_factory=list)
     usage_sent: list[dict[str, int]] = field(default_factory=list)
     aborted: int = 0  # streams the wrapper dropped before the end
@@ -144,6 +145,11 @@ class FakeEngine:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = (await self._record(request)).json()
+        if self.drop_requests > 0:
+            self.drop_requests -= 1
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()  # never sent: the connection is gone
         chat = request.path == "/v1/chat/completions"
         prompt_text = json.dumps(payload.get("messages") or payload.get("prompt"))
         if "REFUSE" in prompt_text:

@@ -79,13 +79,27 @@ def visit_message(message: dict[str, Any], path: str, walk: Walk) -> None:
     if isinstance(content, str):
         walk.text += 1
     elif isinstance(content, list):
+        found = len(walk.media)
         visit_parts(content, f"{path}.content", walk)
+        role = message.get("role")
+        if len(walk.media) > found and role in TEXT_ROLES:
+            first = walk.media[found].path
+            raise APIError(
+                400, f"{first}: images and videos go in user messages, not in a {role} message.", param=first
+            )
     elif isinstance(content, dict):
         walk.leave(content, f"{path}.content")  # not a form the engine takes: the scan refuses media in it
     if isinstance(message.get("role"), str):
         walk.vouch(message)  # the engine reads nothing else of a message as media
     elif isinstance(content, list):
         walk.vouch(content)  # without a role it is no message to the engine: the scan looks at the rest
+
+
+# Roles whose messages carry no media, as in OpenAI's API: chat templates
+# render their content as text. vLLM 0.32 answers an image in a developer
+# message of Qwen2-VL with a 500, and its multimodal cache then fails the next
+# request with that image too.
+TEXT_ROLES = frozenset({"system", "developer"})
 
 
 def visit_parts(parts: list[Any], path: str, walk: Walk) -> None:

@@ -62,6 +62,9 @@ def walk_responses(payload: dict[str, Any], walk: Walk) -> None:
                 visit_parts(output, f"{path}.output", walk)
                 walk.vouch(output)
         if "role" in item:
+            if item.get("content") == []:
+                # vLLM 0.32 fails such an item with a 500 (an IndexError in its converter).
+                raise APIError(400, f"{path}.content is empty; a message needs content.", param=f"{path}.content")
             visit_message(item, path, walk)
         elif item_type in TEXT_ITEMS:
             walk.vouch(item)

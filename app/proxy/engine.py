@@ -91,15 +91,14 @@ class EngineClient:
         assert task is not None
         self._calls.add(task)
         try:
-            async with self.session.request(
-                method,
-                URL(self.url + path, encoded=True),
-                data=body,
-                headers=headers,
-                timeout=self._stream_timeout if stream else self._request_timeout,
-                allow_redirects=False,
-            ) as response:
+            response = await self._send(method, path, body, headers, stream)
+            try:
                 yield response
+            finally:
+                if response.status >= 500:
+                    response.close()  # the engine may drop a connection after a failure: never reuse it
+                else:
+                    response.release()
         except asyncio.CancelledError:
             if task not in self._drained:
                 raise  # the client left: the caller handles it
@@ -118,6 +117,30 @@ class EngineClient:
             ) from None
         finally:
             self._calls.discard(task)
+
+    async def _send(
+        self, method: str, path: str, body: bytes | None, headers: Any, stream: bool
+    ) -> aiohttp.ClientResponse:
+        """Send the request; once more on a new connection when a pooled one turns out closed.
+
+        The engine closes idle keep-alive connections after a few seconds, and
+        one it closed can still be handed out by the pool: the request then
+        fails before it reached the engine. A second failure is the engine's.
+        """
+        for attempt in (1, 2):
+            try:
+                return await self.session.request(
+                    method,
+                    URL(self.url + path, encoded=True),
+                    data=body,
+                    headers=headers,
+                    timeout=self._stream_timeout if stream else self._request_timeout,
+                    allow_redirects=False,
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
+                if attempt == 2 or isinstance(error, aiohttp.ClientConnectorError):
+                    raise
+        raise AssertionError("unreachable")
 
     def abort_all(self) -> int:
         """The drain deadline: end every open exchange and refuse new ones; returns how many were open.

@@ -96,13 +96,14 @@ KNOWN_EDGES = [
         "/v1/embeddings", {"model": VLM_MODEL, "input": ["Hi", {"x": {"image_url": BOMB}}]},
         "media in an object without a role in a list of texts",
     ),
-    # Open: the engine answers these with a 500, which the wrapper relays (vLLM 0.32: an IndexError on an
-    # assistant message item without content; the Qwen2-VL prompt update fails on an image in a developer
-    # message that follows another message).
+    # The engine answers these with a 500 (vLLM 0.32: an IndexError on an assistant message item without
+    # content; the Qwen2-VL prompt update fails on an image in a developer message that follows another
+    # message, and its cache then fails the next request with that image): the wrapper refuses them.
     json_case("/v1/responses", {"model": VLM_MODEL, "max_output_tokens": 1, "input": [
-        {"role": "assistant", "type": "message", "content": []}]}),
+        {"role": "assistant", "type": "message", "content": []}]}, "a message item without content"),
     json_case("/v1/chat/completions", {**VALID_CHAT, "messages": [
-        {"role": "user", "content": "Hi"}, {"role": "developer", "content": [image_part(OWN_IMAGE)]}]}),
+        {"role": "user", "content": "Hi"}, {"role": "developer", "content": [image_part(OWN_IMAGE)]}]},
+        "media in a developer message"),
 ]  # fmt: skip
 
 

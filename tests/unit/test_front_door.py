@@ -372,3 +372,16 @@ async def test_health_check_path_serves_the_ping_answers(engine: FakeEngine) -> 
             while (down := await client.get("/healthz")).status_code == 200:
                 await asyncio.sleep(0.05)  # the engine check is cached for half a second
         assert down.status_code == 503 and down.json()["status"] == "engine_unavailable"
+
+
+async def test_a_connection_the_engine_closed_is_retried_once_on_a_new_one(engine: FakeEngine) -> None:
+    """The engine drops idle keep-alive connections (and one after a 500); the pool may still hand one out."""
+    async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
+        engine.drop_requests = 1
+        retried = await client.post("/v1/chat/completions", json=CHAT)
+        assert retried.status_code == 200, retried.text
+        assert (await client.get("/health")).status_code == 200, "not taken for a crashed engine"
+        engine.drop_requests = 2
+        failed = await client.post("/v1/chat/completions", json=CHAT)
+        assert failed.status_code == 502 and failed.json()["error"]["code"] == "engine_error"
+    assert len(engine.requests_to("/v1/chat/completions")) == 4

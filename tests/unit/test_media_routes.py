@@ -511,3 +511,22 @@ async def test_inline_audio_passes_and_inline_audio_urls_too() -> None:
 async def test_an_unknown_route_is_refused() -> None:
     error = await refusal("/v1/messages/render", {"messages": []})
     assert error.status == 400 and "/v1/messages/render" in error.message
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+async def test_media_in_a_system_or_developer_message_is_refused(role: str, route: str) -> None:
+    """Chat templates render these roles as text; the engine fails on an image there with a 500."""
+    image = openai_image(data_url(sample_image("PNG", (8, 8))))
+    field = "messages" if route == "/v1/chat/completions" else "input"
+    error = await refusal(route, {field: [user({"type": "text", "text": "hi"}), {"role": role, "content": [image]}]})
+    assert error.status == 400 and f"not in a {role} message" in error.message
+    assert error.param == f"{field}[1].content[0].image_url"
+    assistant = {field: [user(image), {"role": "assistant", "content": [image]}]}
+    assert (await prepare(route, assistant)).image == 2, "assistant turns may carry images"
+
+
+async def test_a_responses_message_without_content_is_refused() -> None:
+    """vLLM 0.32 fails such an item with a 500 (an IndexError in its converter)."""
+    error = await refusal("/v1/responses", {"input": [{"role": "assistant", "type": "message", "content": []}]})
+    assert error.status == 400 and error.param == "input[0].content"
