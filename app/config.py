@@ -23,6 +23,8 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RUNPOD_VOLUME = Path("/runpod-volume")
+# Where RunPod mounts a network volume: Serverless workers, then pods.
+DEFAULT_CACHE_VOLUMES = f"{RUNPOD_VOLUME},/workspace"
 MiB = 1024 * 1024
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -58,7 +60,12 @@ class Settings(BaseSettings):
     )
     HF_HOME: Path = Field(
         Path.home() / ".cache" / "huggingface",
-        description="Model cache directory; /runpod-volume/huggingface-cache wins when that volume is mounted.",
+        description="Model cache directory, used when none of CACHE_VOLUMES is mounted.",
+    )
+    CACHE_VOLUMES: str = Field(
+        DEFAULT_CACHE_VOLUMES,
+        description="Comma-separated volume mount points; the first that exists holds the model and compile caches "
+        "(in its huggingface-cache folder) instead of HF_HOME.",
     )
     LORA_MODULES: str = Field(
         "", description="LoRA adapters to serve, as comma-separated name=hub-id-or-path pairs."
@@ -227,6 +234,14 @@ class Settings(BaseSettings):
             ) from None
         return SecretStr(url)
 
+    @field_validator("CACHE_VOLUMES")
+    @classmethod
+    def _absolute_paths(cls, value: str) -> str:
+        relative = [path for path in split_csv(value) if not path.startswith("/")]
+        if relative:
+            raise ValueError(f"{', '.join(relative)}: write absolute mount points such as /runpod-volume")
+        return value
+
     @field_validator("HEALTH_CHECK_PATH")
     @classmethod
     def _health_check_path(cls, value: str) -> str:
@@ -255,10 +270,14 @@ class Settings(BaseSettings):
         return Path(self.MODEL_NAME).is_dir()
 
     @property
+    def cache_volume(self) -> Path | None:
+        """The first of CACHE_VOLUMES that is mounted (exists as a directory), if any."""
+        return next((Path(p) for p in split_csv(self.CACHE_VOLUMES) if Path(p).is_dir()), None)
+
+    @property
     def cache_dir(self) -> Path:
-        if RUNPOD_VOLUME.is_dir():
-            return RUNPOD_VOLUME / "huggingface-cache"
-        return self.HF_HOME
+        volume = self.cache_volume
+        return volume / "huggingface-cache" if volume is not None else self.HF_HOME
 
     @property
     def engine_url(self) -> str:
