@@ -108,6 +108,16 @@ class Settings(BaseSettings):
     ENGINE_STARTUP_TIMEOUT_S: float = Field(
         1800.0, gt=0, description="Longest time the engine may take to load before startup fails."
     )
+    FIT_CHECK: bool = Field(
+        True,
+        description="Before the download, refuse a model whose weights or one MAX_MODEL_LEN sequence cannot fit "
+        "the engine's memory (estimated from config.json and file sizes).",
+    )
+    WARMUP: bool = Field(
+        True,
+        description="Before reporting ready, send the engine one generation (and one small image for a vision "
+        "model), so the first user request pays no lazy initialisation.",
+    )
     # A busy engine still answers /health within seconds (its API server's event loop is
     # only blocked by work such as tokenizing a huge prompt or decoding media); a minute of
     # silence means a hung engine, which is replaced well before clients give up on it.

@@ -14,6 +14,9 @@ token), with the status codes the Hub uses: 401 without a token, 404 or 403
 with one. It runs on 127.0.0.1 on an ephemeral port in a background thread;
 point huggingface_hub at it with HF_ENDPOINT=hub.url.
 
+`declared_sizes` makes the metadata report other file sizes than the files'
+(a model of terabytes, for a test that must refuse it before any download).
+
 Knobs for tests: count requests (total, per "METHOD path") and file bytes
 served; cut or stall the next file response longer than N bytes after N
 bytes; throttle file
@@ -92,12 +95,14 @@ class FakeHub:
         gated: set[str] | frozenset[str] = frozenset(),
         private: set[str] | frozenset[str] = frozenset(),
         tokens: dict[str, set[str]] | None = None,
+        declared_sizes: dict[str, dict[str, int]] | None = None,
     ) -> None:
         self.repos = {
             repo_id: scan_directory(repo_id, directory, gated=repo_id in gated, private=repo_id in private)
             for repo_id, directory in repos.items()
         }
         self.tokens = tokens or {}
+        self.declared_sizes = declared_sizes or {}
         self.fail_status: int | None = None
         self.fail_remaining: int | None = None
         self.cut_after_bytes: int | None = None
@@ -242,9 +247,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             siblings = []
             for f in repo.files.values():
-                sibling: dict[str, object] = {"rfilename": f.path, "size": f.size, "blobId": f.blob_id}
+                size = hub.declared_sizes.get(repo.repo_id, {}).get(f.path, f.size)
+                sibling: dict[str, object] = {"rfilename": f.path, "size": size, "blobId": f.blob_id}
                 if f.sha256:
-                    sibling["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
+                    sibling["lfs"] = {"size": size, "sha256": f.sha256, "pointerSize": 134}
                 siblings.append(sibling)
             self._json(
                 {
@@ -265,9 +271,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             entries = []
             for f in repo.files.values():
-                entry: dict[str, object] = {"type": "file", "oid": f.blob_id, "size": f.size, "path": f.path}
+                size = hub.declared_sizes.get(repo.repo_id, {}).get(f.path, f.size)
+                entry: dict[str, object] = {"type": "file", "oid": f.blob_id, "size": size, "path": f.path}
                 if f.sha256:
-                    entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
+                    entry["lfs"] = {"oid": f.sha256, "size": size, "pointerSize": 134}
                 entries.append(entry)
             self._json(entries)
 

@@ -5,12 +5,16 @@ is what makes restarts cheap and failures quick:
 
 1. A local directory (MODEL_NAME, or a LORA_MODULES target) is used as it is.
 2. A snapshot that is complete in the cache is used without any network
-   request, so a second start works offline.
+   request, so a second start works offline; so is one that RunPod (or
+   anyone) placed in the cache without this image's metadata (precached.py).
 3. Otherwise one preflight request per repository fails fast, with one
    sentence naming the variable to fix, on a missing repository, a refused
    token or an unknown revision; a Hub that does not answer is left to the
    download, which retries.
-4. The download fetches only the files the engine needs and resumes what an
+4. The fit check (fit.py) refuses a model that cannot fit the engine's
+   memory, from its config.json and the listing's file sizes, before a byte
+   of its weights is fetched; a model already on disk is checked there.
+5. The download fetches only the files the engine needs and resumes what an
    earlier, interrupted start left behind.
 """
 
@@ -25,6 +29,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from app.config import Settings
 from app.lifecycle.download import Snapshot, download_snapshots, find_complete_snapshot
+from app.lifecycle.fit import check_local_model, check_remote_model
+from app.lifecycle.precached import find_precached_snapshot
 from app.lifecycle.preflight import HubRepo, HubUnreachable, RepoListing, hub_endpoint, list_with_retries, preflight
 from app.lifecycle.startup_errors import StartupError
 from app.lifecycle.status import DownloadProgress, Phase
@@ -57,7 +63,9 @@ def prepare_model(
     hub_repos = [source for source in (model, *adapters.values()) if isinstance(source, HubRepo)]
     snapshots: dict[HubRepo, Snapshot] = {}
     for repo in hub_repos:
-        cached = find_complete_snapshot(repo.repo_id, repo.revision, settings.cache_dir)
+        cached = find_complete_snapshot(repo.repo_id, repo.revision, settings.cache_dir) or find_precached_snapshot(
+            repo.repo_id, repo.revision, settings.cache_dir
+        )
         if cached is not None:
             snapshots[repo] = cached
     missing = [repo for repo in hub_repos if repo not in snapshots]
@@ -73,6 +81,8 @@ def prepare_model(
         lora_paths={name: local_path(source) for name, source in adapters.items()},
         offline=not missing,
     )
+    if model not in missing:  # a fetched model was checked before its download
+        check_local_model(settings, prepared.path)
     logger.info(
         "model ready on disk",
         extra={"model_path": str(prepared.path), "revision": prepared.revision, "offline": prepared.offline},
@@ -112,8 +122,11 @@ def _fetch(
                 extra={"repo": repo.repo_id, "reason": str(exc)},
             )
             listings[repo] = None
-    on_phase(Phase.DOWNLOADING)
     complete = [listing or list_with_retries(repo, token, endpoint) for repo, listing in listings.items()]
+    for listing in complete:
+        if listing.repo.setting == "MODEL_NAME":
+            check_remote_model(settings, listing, token, endpoint)
+    on_phase(Phase.DOWNLOADING)
     snapshots = download_snapshots(
         complete, cache_dir=settings.cache_dir, token=token, endpoint=endpoint, on_progress=on_progress
     )
