@@ -1,7 +1,7 @@
 """What the wrapper tells probes: the lifecycle phase plus a live engine check.
 
 The supervisor publishes the lifecycle phase (preflight, downloading, loading,
-ready, failed) in the status file; this wrapper process adds what only it
+warmup, ready, failed) in the status file; this wrapper process adds what only it
 knows: whether it is draining, and whether the engine answers its own
 `/health` right now. A ready lifecycle with a silent engine is reported as
 `engine_unavailable`, so probes never claim a health the engine lacks.
@@ -26,6 +26,7 @@ from app.lifecycle.status import Phase, StartupStatus, read_status
 ENGINE_UNAVAILABLE = "engine_unavailable"
 ENGINE_CHECK_TTL_S = 0.5
 ENGINE_CHECK_TIMEOUT_S = 1.0
+INITIALIZING = frozenset(phase.value for phase in (Phase.PREFLIGHT, Phase.DOWNLOADING, Phase.LOADING, Phase.WARMUP))
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Snapshot:
 
     @property
     def initializing(self) -> bool:
-        return self.phase in (Phase.PREFLIGHT.value, Phase.DOWNLOADING.value, Phase.LOADING.value)
+        return self.phase in INITIALIZING
 
 
 class Readiness:

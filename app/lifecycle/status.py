@@ -27,6 +27,7 @@ class Phase(str, Enum):
     PREFLIGHT = "preflight"
     DOWNLOADING = "downloading"
     LOADING = "loading"
+    WARMUP = "warmup"
     READY = "ready"
     FAILED = "failed"
     DRAINING = "draining"
@@ -65,6 +66,8 @@ class StartupStatus:
     resolved_revision: str | None = None
     model_path: str | None = None
     engine_restarts: int = 0
+    # Settings a memory retry changed, each {"setting", "from", "to", "reason"}.
+    startup_adjustments: list[dict[str, object]] = field(default_factory=list)
 
     def enter(self, phase: Phase, error: str | None = None, log_tail: Sequence[str] = ()) -> None:
         """Start `phase`; `error` and the engine's `log_tail` behind it replace the previous ones."""
@@ -86,6 +89,7 @@ class StartupStatus:
             "resolved_revision": self.resolved_revision,
             "model_path": self.model_path,
             "engine_restarts": self.engine_restarts,
+            "startup_adjustments": list(self.startup_adjustments),
         }
         if private:
             body["engine_log_tail"] = list(self.engine_log_tail)
@@ -121,4 +125,5 @@ def read_status(path: Path) -> StartupStatus | None:
         resolved_revision=data.get("resolved_revision"),
         model_path=data.get("model_path"),
         engine_restarts=data.get("engine_restarts", 0),
+        startup_adjustments=list(data.get("startup_adjustments") or []),
     )

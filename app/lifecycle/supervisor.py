@@ -2,8 +2,9 @@
 
 `scripts/start.sh` execs this module. It starts the wrapper first, so the
 public port answers probes within about a second, then walks the lifecycle
-(preflight, download, engine load) while publishing each phase in the status
-file the wrapper serves. From then on it supervises:
+(preflight and fit check, download, engine load with its compile cache on the
+volume, warm-up) while publishing each phase in the status file the wrapper
+serves. From then on it supervises:
 
 - the wrapper exits → the engine is stopped and the container exits non-zero;
 - the engine dies, or stops answering its health check for
@@ -12,8 +13,9 @@ file the wrapper serves. From then on it supervises:
 - the engine fails to start → the failure becomes one actionable sentence
   (`error`, public) and its last lines are kept apart (`engine_log_tail`,
   only for /info);
-  a memory shortfall is retried once with a smaller footprint; then
-  ON_STARTUP_FAILURE: keep serving the error, or exit non-zero;
+  a memory shortfall is retried with the setting it names changed, each at
+  most once (memory_retry.py); then ON_STARTUP_FAILURE: keep serving the
+  error, or exit non-zero;
 - SIGTERM or SIGINT → the wrapper drains (DRAIN_TIMEOUT_S), the engine
   stops, and the process exits 0 with no child left behind.
 """
@@ -37,23 +39,22 @@ from pathlib import Path
 import aiohttp
 
 from app.config import ConfigError, Settings, load_settings
+from app.lifecycle.compile_cache import with_compile_cache
 from app.lifecycle.engine_args import build_engine_args, build_engine_launch
 from app.lifecycle.health_watch import wait_until_silent
+from app.lifecycle.memory_retry import Retry, describe, plan_retry
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
-from app.lifecycle.startup_errors import (
-    StartupError,
-    classify_engine_failure,
-    estimated_max_model_len,
-    is_memory_shortfall,
-)
+from app.lifecycle.startup_errors import StartupError, classify_engine_failure
 from app.lifecycle.status import STATUS_FILE_ENV, DownloadProgress, Phase, StartupStatus, write_status
+from app.lifecycle.warmup import warm_up
 from app.media import detect_modalities
 from app.observability.logging import configure_logging, install_secret_redaction
 from app.observability.metrics import MULTIPROC_DIR_ENV, prepare_multiproc_dir
 
 log = logging.getLogger("app.lifecycle")
-ENGINE_POLL_S = 0.5
+# How often the engine's /health is asked while it loads: the delay between its first 200 and `ready`.
+ENGINE_POLL_S = 0.1
 WRAPPER_STOP_MARGIN_S = 10.0
 ENGINE_STOP_TIMEOUT_S = 15.0
 # The engine's last lines repeated in the "engine died" log record.
@@ -83,6 +84,11 @@ class StatusBoard:
     def progress(self, progress: DownloadProgress) -> None:
         with self._lock:
             self.status.download = progress
+            write_status(self.path, self.status)
+
+    def adjusted(self, changes: Sequence[dict[str, object]]) -> None:
+        with self._lock:
+            self.status.startup_adjustments.extend(changes)
             write_status(self.path, self.status)
 
 
@@ -174,14 +180,17 @@ class Supervisor:
         self.board.status.model_path = str(prepared.path)
         modalities = detect_modalities(prepared.path)
         settings = self.settings
-        retried = False
+        turned: set[str] = set()  # the memory retries' knobs, each turned at most once
         while True:
             self.board.enter(Phase.LOADING)
             launch = build_engine_launch(settings, prepared.path, modalities, prepared.lora_paths)
+            launch = with_compile_cache(launch, settings, prepared.path, prepared.revision)
             log.info("starting engine", extra={"device": launch.device, "argv": launch.argv[1:]})
             self.engine = ChildProcess("engine", launch.argv, launch.env, capture_output=True)
             await self.engine.start()
             outcome = await self._wait_until_healthy(self.engine, settings.ENGINE_STARTUP_TIMEOUT_S)
+            if outcome == "ready" and settings.WARMUP:
+                outcome = await self._warm_up(self.engine, settings, "image" in modalities)
             if outcome == "ready":
                 self.board.enter(Phase.READY)
                 log.info("ready", extra={"phase_seconds": self.board.status.to_json()["phase_seconds"]})
@@ -202,24 +211,41 @@ class Supervisor:
                     list(self.engine.tail),
                 )
             lines = list(self.engine.tail)
-            if is_memory_shortfall(lines) and not retried:
-                retried = True
-                smaller = _smaller_footprint(settings, estimated_max_model_len(lines))
-                log.warning(
-                    "engine ran out of memory while starting; retrying once with a smaller footprint",
-                    extra={
-                        "enforce_eager": True,
-                        "max_batched_tokens": {"from": settings.MAX_BATCHED_TOKENS, "to": smaller.MAX_BATCHED_TOKENS},
-                        "max_model_len": {"from": settings.MAX_MODEL_LEN, "to": smaller.MAX_MODEL_LEN},
-                    },
-                )
-                settings = smaller
+            retry = plan_retry(lines, settings, launch.device, frozenset(turned))
+            if retry is not None:
+                turned.add(retry.knob)
+                self._record_retry(retry)
+                settings = retry.settings
                 continue
-            sentence = classify_engine_failure(lines, self.settings) or (
+            sentence = classify_engine_failure(lines, settings) or (
                 f"The engine {outcome} during startup for a reason this image does not recognise: "
                 "its last lines are in the container log and in /info (engine_log_tail)."
             )
             return await self._startup_failed(sentence, lines)
+
+    async def _warm_up(self, engine: ChildProcess, settings: Settings, images: bool) -> str:
+        """'ready' after the warm-up requests, or how the engine exited during them."""
+        assert self.session is not None
+        self.board.enter(Phase.WARMUP)
+        images = images and settings.IMAGE_LIMIT > 0
+        warming = asyncio.ensure_future(warm_up(self.session, settings.engine_url, settings.served_model_name, images))
+        exited = asyncio.ensure_future(engine.wait())
+        try:
+            await asyncio.wait((warming, exited), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            warming.cancel()
+            exited.cancel()
+        if exited.done() and not exited.cancelled():
+            return describe_exit(exited.result())
+        return "ready"
+
+    def _record_retry(self, retry: Retry) -> None:
+        changed = [change.to_json() for change in retry.changes]
+        log.warning(
+            f"engine ran out of memory while starting; retrying with {describe(retry)}",
+            extra={"reason": retry.reason, "changed": changed},
+        )
+        self.board.adjusted([{**change, "reason": retry.reason} for change in changed])
 
     async def _serve(self, engine: ChildProcess) -> str:
         """Wait while the engine serves; the sentence that says why it stopped (it is gone by then)."""
@@ -290,20 +316,6 @@ class Supervisor:
     async def _forever(self) -> int:
         await asyncio.Event().wait()
         return 0
-
-
-def _smaller_footprint(settings: Settings, fitting_max_model_len: int | None) -> Settings:
-    """The settings for the one retry after a memory shortfall.
-
-    fitting_max_model_len is the engine's own estimate of the longest context its
-    KV cache holds; when it gave one, the retry serves that context length.
-    """
-    update: dict[str, object] = {"ENFORCE_EAGER": True}
-    if settings.ENABLE_CHUNKED_PREFILL:
-        update["MAX_BATCHED_TOKENS"] = min(settings.MAX_BATCHED_TOKENS or 2048, 1024)
-    if fitting_max_model_len is not None:
-        update["MAX_MODEL_LEN"] = fitting_max_model_len
-    return settings.model_copy(update=update)
 
 
 def warn_if_open(settings: Settings) -> None:

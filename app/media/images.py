@@ -36,6 +36,10 @@ RESIZED_FORMAT = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WEBP", "GIF": "PNG"}
 LOSSY_QUALITY = 90
 FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF"}
 
+# Load Pillow's format plugins now, at start-up: lazily, the first image request after
+# `ready` would pay for them (about 20 ms on a 2-core machine; see app/lifecycle/warmup.py).
+Image.init()
+
 
 @dataclass(frozen=True, slots=True)
 class CheckedImage:
