@@ -6,6 +6,7 @@
 # CPU engine:     docker build --build-arg BASE_IMAGE=vllm/vllm-openai-cpu:v0.32.0-x86_64 -t vllm-inference-api:cpu .
 # Baked model:    docker build --target baked --build-arg BAKE_MODEL=Qwen/Qwen2-VL-2B-Instruct \
 #                     --secret id=hf_token,src=$HOME/.cache/huggingface/token -t vllm-inference-api:qwen2-vl .
+#                 (./build_and_push.sh --bake Qwen/Qwen2-VL-2B-Instruct --hf-token-file FILE USER TAG)
 # Needs BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 before).
 #
 # The base image carries vLLM and the engine's whole Python environment; its
@@ -63,22 +64,28 @@ CMD []
 
 
 # --- Optional: a model baked into the image ----------------------------------
-# docker build --target baked --build-arg BAKE_MODEL=org/name [--secret id=hf_token,src=FILE]
-# The token is mounted for this one step only; it is in no layer and no
-# build argument. The image then serves /opt/model without any download.
+# docker build --target baked --build-arg BAKE_MODEL=org/name [--build-arg BAKE_REVISION=REV] \
+#     [--secret id=hf_token,src=FILE]      (or: ./build_and_push.sh --bake org/name ...)
+# The same preflight and file choice as a start-up download (app/lifecycle/bake.py).
+# The token is a BuildKit secret, mounted for this one step: it is in no layer,
+# no build argument and no environment variable. The image then serves
+# /opt/model under the name BAKE_MODEL, offline: no Hub request at start.
+# HF_ENDPOINT: another Hub (a mirror; the tests' local double).
 FROM app AS baked
 ARG BAKE_MODEL
 ARG BAKE_REVISION=main
+ARG HF_ENDPOINT
 RUN --mount=type=secret,id=hf_token,required=false \
     if [ -z "${BAKE_MODEL}" ]; then \
         echo "Set --build-arg BAKE_MODEL=org/name to bake a model (or build the default target)." >&2; exit 1; \
     fi \
-    && HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
-       HF_HOME=/tmp/hf-build python3 -c 'import sys; from huggingface_hub import snapshot_download; snapshot_download(sys.argv[1], revision=sys.argv[2], local_dir="/opt/model")' \
-       "${BAKE_MODEL}" "${BAKE_REVISION}" \
-    && rm -rf /tmp/hf-build /opt/model/.cache
+    && if [ -z "${HF_ENDPOINT}" ]; then unset HF_ENDPOINT; fi \
+    && HF_HOME=/tmp/hf-build HF_HUB_DISABLE_TELEMETRY=1 \
+       python3 -m app.lifecycle.bake "${BAKE_MODEL}" "${BAKE_REVISION}" /opt/model \
+    && rm -rf /tmp/hf-build
 ENV MODEL_NAME=/opt/model \
-    SERVED_MODEL_NAME=${BAKE_MODEL}
+    SERVED_MODEL_NAME=${BAKE_MODEL} \
+    HF_HUB_OFFLINE=1
 
 
 # --- Default target: the image without a model (downloaded at start) ---------

@@ -6,10 +6,19 @@ container's own HEALTHCHECK turns healthy once the model is served, a chat
 completion works through the published port, and SIGTERM drains an in-flight
 stream and ends the container with exit code 0.
 
+The `baked` target is built as a user would build it, with
+`build_and_push.sh --bake org/Tiny-Llama --hf-token-file FILE --no-push`, from
+the local Hub double (tests/fakehub.py: the Hub cannot be reached here; the
+build step reaches it on the host's network). The model is gated there, so
+the build needs the token, passed as a BuildKit secret; afterwards the token
+is in no layer, no history entry and no image setting. The baked image is then
+started with no network at all (`--network none`) and serves the model under
+its Hub name.
+
 No registry is reachable here, so the base image is assembled locally by
 `tools/docker/build_cpu_base.sh` (about 90 s the first time, cached after).
 The Docker daemon is started by `tools/docker/dockerd.sh` when none answers,
-and stopped again afterwards. Budget: about 3 minutes fresh, 1.5 cached.
+and stopped again afterwards. Budget: about 5 minutes fresh, 3 cached.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fakehub import FakeHub
 from tests.stack import model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +46,10 @@ HOST_PORT = 8730
 DRAIN_TIMEOUT_S = 20
 HEALTHY_TIMEOUT_S = 420
 SERVED_NAME = "tiny-chat"
+BAKED_MODEL = "org/Tiny-Llama"
+BAKED_IMAGE = "local/vllm-inference-api:smoke-test-tiny-llama-cpu"  # what build_and_push.sh tags it
+BAKED_CONTAINER = "vllm-inference-api-smoke-baked"
+BUILD_TOKEN = "hf_smoke_build_secret_token_4711"
 
 
 @dataclass(frozen=True)
@@ -224,3 +238,90 @@ def test_sigterm_drains_inflight_stream_and_exits_zero(docker: Docker, container
         assert time.monotonic() - signalled < DRAIN_TIMEOUT_S + 15, "container still running after the drain time"
         time.sleep(0.5)
     assert _state(docker, container)["ExitCode"] == 0
+
+
+# --- the baked target ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baked_image(docker: Docker, image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`build_and_push.sh --bake`, on the CPU base, from the Hub double where the model is gated."""
+    work = tmp_path_factory.mktemp("bake")
+    token_file = work / "hf_token"
+    token_file.write_text(BUILD_TOKEN)
+    bin_dir = work / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").symlink_to(shutil.which(docker.cli) or docker.cli)  # the client with BuildKit
+    with FakeHub(
+        {BAKED_MODEL: model_dir("tiny-llama")}, gated={BAKED_MODEL}, tokens={BUILD_TOKEN: {BAKED_MODEL}}
+    ) as hub:
+        build = subprocess.run(
+            [str(ROOT / "build_and_push.sh"), "--no-push", "--cpu", "--bake", BAKED_MODEL,
+             "--hf-token-file", str(token_file), "local", "smoke-test"],
+            env={
+                **docker.env,
+                "PATH": f"{bin_dir}:{docker.env.get('PATH', '')}",
+                "BASE_IMAGE_CPU": BASE_IMAGE,
+                "HF_ENDPOINT": hub.url,
+                "DOCKER_BUILD_FLAGS": "--network host --progress plain",
+            },
+            capture_output=True, text=True, timeout=900, check=False,
+        )
+        weights_fetched = hub.bytes_served.get("model.safetensors", 0)
+    assert build.returncode == 0, f"build_and_push.sh failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    assert weights_fetched > 0, "the gated weights were not fetched: was the token used?"
+    return BAKED_IMAGE
+
+
+@pytest.fixture(scope="module")
+def baked_container(docker: Docker, baked_image: str) -> Iterator[str]:
+    """The baked image with no network: nothing to download from, no Hub to ask."""
+    docker.run("rm", "--force", BAKED_CONTAINER, check=False)
+    docker.run(
+        "run", "--detach", "--name", BAKED_CONTAINER, "--network", "none", "--shm-size", "1g",
+        "--env", "DEVICE=cpu", "--env", "ENFORCE_EAGER=true", "--env", "VLLM_CPU_KVCACHE_SPACE=1",
+        "--env", "MAX_MODEL_LEN=512",
+        baked_image,
+    )
+    yield BAKED_CONTAINER
+    logs = docker.run("logs", "--tail", "40", BAKED_CONTAINER, check=False)
+    print(f"--- last baked container log lines ---\n{logs.stdout}{logs.stderr}")
+    docker.run("rm", "--force", BAKED_CONTAINER, check=False)
+
+
+def _inside(docker: Docker, container: str, *curl_args: str) -> dict[str, object]:
+    """A request from inside the container (it has no network to publish a port on)."""
+    result = docker.run("exec", container, "curl", "--silent", "--max-time", "60", *curl_args)
+    return json.loads(result.stdout)
+
+
+def test_the_baked_image_starts_with_no_network_and_serves_under_the_model_name(
+    docker: Docker, baked_container: str
+) -> None:
+    _wait_healthy(docker, baked_container)
+
+    reply = _inside(
+        docker, baked_container, "http://127.0.0.1:8000/v1/chat/completions", "-H", "Content-Type: application/json",
+        "-d", json.dumps({"model": BAKED_MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}),
+    )
+    assert reply["model"] == BAKED_MODEL and reply["usage"]["completion_tokens"] == 4
+    health = _inside(docker, baked_container, "http://127.0.0.1:8000/health")
+    assert health["model_path"] == "/opt/model" and "downloading" not in health["phase_seconds"]
+    networks = docker.run("inspect", "--format", "{{json .NetworkSettings.Networks}}", baked_container).stdout
+    assert list(json.loads(networks)) == ["none"]
+
+
+def test_the_build_token_is_in_no_layer_history_or_setting(docker: Docker, baked_image: str) -> None:
+    history = docker.run("history", "--no-trunc", "--format", "{{.CreatedBy}}", baked_image).stdout
+    assert "BAKE_MODEL=org/Tiny-Llama" in history  # the build arguments are there, the secret is not
+    assert BUILD_TOKEN not in history
+    assert BUILD_TOKEN not in docker.run("image", "inspect", baked_image).stdout
+    # Every layer's files, read from the exported image: the token was never written to one.
+    save = subprocess.Popen([docker.cli, "save", baked_image], env=docker.env, stdout=subprocess.PIPE)
+    assert save.stdout is not None
+    found, tail = False, b""
+    while chunk := save.stdout.read(1 << 20):
+        found = found or BUILD_TOKEN.encode() in tail + chunk
+        tail = chunk[-len(BUILD_TOKEN):]
+    assert save.wait(timeout=300) == 0
+    assert not found
