@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export MODEL_NAME ?= $(CURDIR)/.models/smollm2-135m-instruct
 export ENFORCE_EAGER ?= true
 
-.PHONY: run test setup system models bench clean
+.PHONY: run test setup system models bench bench-startup clean
 
 setup:
 	tools/setup_env.sh
@@ -29,6 +29,10 @@ test: system models
 
 bench: models system
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The start-up benchmark: bare `vllm serve` against scripts/start.sh (warm, cold, pre-cached), see bench/startup.py.
+bench-startup: models
+	$(PY) -m bench.startup $(BENCH_STARTUP_ARGS)
 
 clean:
 	rm -rf bench/results .pytest_cache

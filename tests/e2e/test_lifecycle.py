@@ -8,14 +8,20 @@ for it with `peft`; it throttles its file bytes so the download phase lasts a fe
 seconds and counts every request.
 
 What a user or a load balancer sees is checked from the first second: the public
-port answers at once, `/ping` is 204 (no body) while the model downloads and loads
-and 200 once it serves, `/health` shows the download's progress, the model is served
-under its Hub id, and the adapter is listed. A second start with the same cache makes
-no request to the Hub at all.
+port answers at once, `/ping` is 204 (no body) while the model downloads, loads and
+warms up and 200 once it serves, `/health` shows the download's progress and the
+warm-up's time, the model is served under its Hub id, and the adapter is listed. A
+second start with the same cache makes no request to the Hub at all.
+
+The cache is on a RunPod pod's network volume: `/workspace` is mounted (a directory
+of the test stands in for it, through CACHE_VOLUMES) and `/runpod-volume` is not, so
+the model and the engine's compile cache go to the volume and not to HF_HOME; the
+restart finds both there, the compile cache in the one folder of its configuration.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -37,7 +43,7 @@ PROBE_INTERVAL_S = 0.2
 # The issue asks for about a second; this bound leaves room for a loaded machine.
 # Generous for a busy machine; what matters is that the port answers while the model is downloading.
 PORT_BIND_BOUND_S = 30.0
-INITIALIZING_PHASES = {"preflight", "downloading", "loading"}
+INITIALIZING_PHASES = {"preflight", "downloading", "loading", "warmup"}
 # RunPod polls this path instead of /ping when the endpoint sets it.
 HEALTH_CHECK_PATH = "/healthz"
 
@@ -84,11 +90,20 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf-home")
 
 
-def hub_stack_env(hub: FakeHub, hf_home: Path) -> dict[str, str]:
-    """Only what a user sets, plus the cache location and the Hub double; downloads allowed."""
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stand-ins for the mount points: `workspace` exists (a pod's volume), `runpod-volume` does not."""
+    root = tmp_path_factory.mktemp("mounts")
+    (root / "workspace").mkdir()
+    return root
+
+
+def hub_stack_env(hub: FakeHub, hf_home: Path, volumes: Path) -> dict[str, str]:
+    """Only what a user sets, plus the cache locations and the Hub double; downloads allowed."""
     return {
         **hub_environment(hub),
         "HF_HOME": str(hf_home),
+        "CACHE_VOLUMES": f"{volumes / 'runpod-volume'},{volumes / 'workspace'}",
         "HF_HUB_OFFLINE": "0",
         "HF_TOKEN": "",
         "LORA_MODULES": f"{ADAPTER_NAME}={ADAPTER_ID}",
@@ -124,7 +139,9 @@ def observe_start(stack: Stack, started: float, timeout_s: float = ENGINE_READY_
 
 
 @pytest.fixture(scope="module")
-def hub_start(hub: FakeHub, hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedStart]:
+def hub_start(
+    hub: FakeHub, hf_home: Path, volumes: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ObservedStart]:
     """The stack started from an empty cache, watched from its first second until it serves."""
     hub.bytes_per_second = HUB_BYTES_PER_SECOND
     hub.reset_counters()
@@ -134,7 +151,7 @@ def hub_start(hub: FakeHub, hf_home: Path, tmp_path_factory: pytest.TempPathFact
         port=port(81),
         vllm_port=port(82),
         log_path=tmp_path_factory.mktemp("logs") / "hub-start.log",
-        extra_env=hub_stack_env(hub, hf_home),
+        extra_env=hub_stack_env(hub, hf_home, volumes),
         wait=False,
     )
     try:
@@ -168,6 +185,7 @@ def test_the_public_port_answers_within_seconds_of_the_start(hub_start: Observed
 def test_ping_is_204_without_a_body_while_downloading_and_loading_then_200(hub_start: ObservedStart) -> None:
     probes = hub_start.probes
     seen_phases = [probe.health["phase"] for probe in probes]
+    # The warm-up takes a fraction of a second on the tiny model: it may fall between two probes.
     assert "downloading" in seen_phases and "loading" in seen_phases, seen_phases
     for probe in probes:
         # /ping is asked first: while /health still reports an initializing phase, /ping saw one too.
@@ -207,6 +225,34 @@ def test_health_reports_the_download_while_it_runs(hub_start: ObservedStart, hub
     assert ready["download"]["bytes_done"] == repo_bytes and ready["download"]["percent"] == 100.0
 
 
+def test_the_engine_was_warmed_up_before_ready_and_health_and_info_show_its_time(hub_start: ObservedStart) -> None:
+    base_url = hub_start.stack.base_url
+    warmups = [line for line in hub_start.stack.logs() if line["message"] == "warm-up done"]
+    assert len(warmups) == 1 and warmups[0]["sent"] == ["chat"], warmups
+    phases = [line["phase"] for line in hub_start.stack.logs() if line["message"] == "phase"]
+    assert phases[-2:] == ["warmup", "ready"], phases
+    health = httpx.get(f"{base_url}/health", timeout=5).json()
+    info = httpx.get(f"{base_url}/info", timeout=30).json()
+    assert health["phase_seconds"]["warmup"] > 0 and info["startup"]["warmup"] == health["phase_seconds"]["warmup"]
+
+
+def test_the_model_and_compile_caches_are_on_the_mounted_workspace_volume(
+    hub_start: ObservedStart, hf_home: Path, volumes: Path
+) -> None:
+    cache = volumes / "workspace" / "huggingface-cache"
+    assert (cache / "hub" / "models--org--tiny-llama").is_dir()
+    assert not (hf_home / "hub").exists() and not (volumes / "runpod-volume").exists()
+    (folder,) = compile_cache_folders(cache)
+    assert json.loads((folder / "key.json").read_text())["model"] == MODEL_ID
+    # Eager mode compiles nothing; what the engine keeps in VLLM_CACHE_ROOT is its model inspection.
+    assert any((folder / "modelinfos").iterdir())
+
+
+def compile_cache_folders(cache: Path) -> list[Path]:
+    """The keyed folders of `<cache>/vllm-cache/<vllm version>/`."""
+    return [folder for version in (cache / "vllm-cache").iterdir() for folder in version.iterdir()]
+
+
 def test_the_hub_id_is_the_served_name_and_a_chat_completion_works(hub_start: ObservedStart) -> None:
     base_url = hub_start.stack.base_url
     health = httpx.get(f"{base_url}/health", timeout=5).json()
@@ -232,7 +278,7 @@ def test_a_lora_adapter_from_the_hub_is_downloaded_and_served(hub_start: Observe
 
 
 def test_a_restart_with_a_warm_cache_makes_no_hub_request(
-    hub_start: ObservedStart, hub: FakeHub, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
+    hub_start: ObservedStart, hub: FakeHub, hf_home: Path, volumes: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     assert hub_start.stack.stop(signal.SIGTERM, timeout_s=60) == 0
     hub.reset_counters()
@@ -242,10 +288,12 @@ def test_a_restart_with_a_warm_cache_makes_no_hub_request(
         port=port(83),
         vllm_port=port(84),
         log_path=tmp_path_factory.mktemp("logs") / "warm-start.log",
-        extra_env=hub_stack_env(hub, hf_home),
+        extra_env=hub_stack_env(hub, hf_home, volumes),
     )
     try:
         assert dict(hub.requests) == {}
+        # The same configuration found its compile cache folder: no second one was made.
+        assert len(compile_cache_folders(volumes / "workspace" / "huggingface-cache")) == 1
         health = httpx.get(f"{stack.base_url}/health", timeout=5).json()
         assert "downloading" not in health["phase_seconds"], health
         assert served_models(stack.base_url) == {MODEL_ID, ADAPTER_NAME}

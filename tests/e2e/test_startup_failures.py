@@ -13,8 +13,14 @@ Three kinds of failure are started through `scripts/start.sh`, as a user would:
   2048 positions): the engine's output becomes the same kind of sentence. A
   refusal the image does not recognise says how the engine exited; the
   engine's own lines stay out of the unauthenticated /health and /ping.
-- The real engine's KV cache cannot hold the requested context: the one retry
-  uses the context length the engine estimated would fit, and the model serves.
+- The real engine's KV cache cannot hold the requested context: the retry
+  changes only the context length, to what the engine estimated would fit,
+  /health says so, and the model serves. Each attempt's configuration keeps its
+  compile cache in its own folder on the volume.
+- The fit check: a model whose weights, or whose KV cache for one sequence of
+  MAX_MODEL_LEN, cannot fit the memory the test gives the engine is refused
+  from its config.json and the Hub's file sizes, before a byte of its weights
+  is downloaded; one that fits goes on to its download.
 
 An HF_TOKEN the Hub refuses appears nowhere: not in the log, /health, /info or
 an error response.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -40,6 +47,11 @@ from tests.stack import Stack, kill_tree, model_dir, port, start_stack
 
 PUBLIC_MODEL = "org/tiny-llama"
 GATED_MODEL = "org/gated-llama"
+# The tiny Llama's files under a config of Llama 3 8B's shape: 128 KiB of KV cache per token.
+LONG_CONTEXT_MODEL = "org/llama-shaped"
+# Listed with 4 TiB of weights: more than any machine this runs on has memory.
+HUGE_MODEL = "org/huge-llama"
+TIB = 1024**4
 ACCEPTED_TOKEN = "hf_accepted_token_456"
 REFUSED_TOKEN = "hf_wrong_secret_123"
 # The issue's bound for a fatal Hub answer, from the start command to the failure.
@@ -70,11 +82,25 @@ HUB_REFUSALS = {
 }
 
 
+def llama_shaped(tiny: Path, out: Path) -> Path:
+    """The tiny model's files with the attention shape of Llama 3 8B in config.json (never loaded)."""
+    shutil.copytree(tiny, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=131072)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.fixture(scope="module")
-def hub() -> Iterator[FakeHub]:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     tiny = model_dir("tiny-llama")
+    shaped = llama_shaped(tiny, tmp_path_factory.mktemp("models") / "llama-shaped")
     with FakeHub(
-        {PUBLIC_MODEL: tiny, GATED_MODEL: tiny}, gated={GATED_MODEL}, tokens={ACCEPTED_TOKEN: {GATED_MODEL}}
+        {PUBLIC_MODEL: tiny, GATED_MODEL: tiny, LONG_CONTEXT_MODEL: shaped, HUGE_MODEL: tiny},
+        gated={GATED_MODEL},
+        tokens={ACCEPTED_TOKEN: {GATED_MODEL}},
+        declared_sizes={HUGE_MODEL: {"model.safetensors": 4 * TIB}},
     ) as fake:
         yield fake
 
@@ -292,7 +318,60 @@ def test_a_context_above_the_models_limit_exits_non_zero_with_on_startup_failure
     assert "MAX_MODEL_LEN" in str(startup_failure_line(stack)["error"])
 
 
-# --- The KV cache cannot hold the context: one retry with what fits ------------------------
+# --- The fit check: refused before the download -------------------------------------------
+
+FIT_REFUSALS = {
+    "a context whose KV cache exceeds VLLM_CPU_KVCACHE_SPACE": HubRefusal(
+        {"MODEL_NAME": LONG_CONTEXT_MODEL, "MAX_MODEL_LEN": "32768", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_TOKEN": ""},
+        "MAX_MODEL_LEN",
+        "set MAX_MODEL_LEN to 8192 or less",
+    ),
+    "weights larger than the machine": HubRefusal(
+        {"MODEL_NAME": HUGE_MODEL, "HF_TOKEN": ""}, "QUANTIZATION", "needs about 4096.0 GiB for its weights"
+    ),
+}
+
+
+def weight_bytes_served(hub: FakeHub) -> int:
+    return sum(count for path, count in hub.bytes_served.items() if path.endswith(".safetensors"))
+
+
+@pytest.mark.parametrize("refusal", FIT_REFUSALS.values(), ids=FIT_REFUSALS.keys())
+def test_a_model_that_cannot_fit_is_refused_before_its_download(
+    hub: FakeHub, refusal: HubRefusal, stacks: list[Stack], tmp_path: Path
+) -> None:
+    hub.reset_counters()
+    started = time.monotonic()
+    stack = start_refused(hub, tmp_path / "hf-home", refusal, tmp_path / "stack.log")
+    stacks.append(stack)
+
+    health = wait_for_failed_phase(stack, started, ENGINE_FAILURE_TIMEOUT_S)
+
+    sentence = assert_serves_the_failure(stack, health, refusal.env["MODEL_NAME"])
+    assert refusal.variable in sentence and refusal.words in sentence, sentence
+    assert weight_bytes_served(hub) == 0 and set(hub.bytes_served) <= {"config.json"}
+    assert "downloading" not in health.json()["phase_seconds"]
+    assert not any("vllm.entrypoints" in " ".join(child.cmdline()) for child in stack.descendants())
+    assert_stops_cleanly(stack)
+
+
+def test_a_model_that_fits_goes_on_to_its_download(hub: FakeHub, stacks: list[Stack], tmp_path: Path) -> None:
+    fits = HubRefusal({"MODEL_NAME": LONG_CONTEXT_MODEL, "MAX_MODEL_LEN": "8192", "HF_TOKEN": ""}, "", "")
+    hub.reset_counters()
+    stack = start_refused(hub, tmp_path / "hf-home", fits, tmp_path / "stack.log", VLLM_CPU_KVCACHE_SPACE="1")
+    stacks.append(stack)
+
+    deadline = time.monotonic() + ENGINE_FAILURE_TIMEOUT_S
+    while not any(line["message"] == "download finished" for line in stack.logs()):
+        assert time.monotonic() < deadline and stack.process.poll() is None, stack.raw_log()[-3000:]
+        time.sleep(POLL_S)
+
+    (passed,) = [line for line in stack.logs() if line["message"] == "fit check passed"]
+    assert passed["kv_gib_one_sequence"] == 1.0  # 8192 tokens of 128 KiB: exactly VLLM_CPU_KVCACHE_SPACE
+    assert weight_bytes_served(hub) > 0
+
+
+# --- The KV cache cannot hold the context: a retry with what fits --------------------------
 
 
 def test_a_kv_cache_too_small_is_retried_with_the_context_length_the_engine_estimated(
@@ -300,8 +379,12 @@ def test_a_kv_cache_too_small_is_retried_with_the_context_length_the_engine_esti
 ) -> None:
     # The tiny model needs 512 bytes of KV cache per token: only a context of millions of
     # tokens overflows the smallest cache (1 GiB), and the model must claim that many positions.
+    # The fit check would refuse this before the engine starts; FIT_CHECK=false lets the engine
+    # meet it, as it would a model whose needs the check cannot estimate.
     requested = 4 * 1024 * 1024
     overrides = json.dumps({"max_position_embeddings": requested})
+    volume = tmp_path / "volume"
+    volume.mkdir()
     stack = start_stack(
         model_dir("tiny-llama"),
         port=port(97),
@@ -312,6 +395,8 @@ def test_a_kv_cache_too_small_is_retried_with_the_context_length_the_engine_esti
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "SERVED_MODEL_NAME": "tiny-chat",
             "VLLM_EXTRA_ARGS": f"--hf-overrides {shlex.quote(overrides)}",
+            "FIT_CHECK": "false",
+            "CACHE_VOLUMES": str(volume),
         },
     )
     stacks.append(stack)
@@ -321,9 +406,18 @@ def test_a_kv_cache_too_small_is_retried_with_the_context_length_the_engine_esti
     fitting = estimates.pop()
     retries = [line for line in stack.logs() if str(line["message"]).startswith("engine ran out of memory")]
     assert len(retries) == 1, retries
-    assert retries[0]["max_model_len"] == {"from": requested, "to": fitting}
-    assert retries[0]["enforce_eager"] is True
+    assert retries[0]["changed"] == [{"setting": "MAX_MODEL_LEN", "from": requested, "to": fitting}]
     health = httpx.get(f"{stack.base_url}/health", timeout=5)
     assert health.status_code == 200 and health.json()["phase"] == "ready"
+    (adjustment,) = health.json()["startup_adjustments"]
+    assert adjustment["setting"] == "MAX_MODEL_LEN" and (adjustment["from"], adjustment["to"]) == (requested, fitting)
+    assert "--enforce-eager" in stack.raw_log()  # the test stacks' own choice, not something the retry added
     assert httpx.get(f"{stack.base_url}/info", timeout=10).json()["max_model_len"] == fitting
     assert chat(stack, "tiny-chat").status_code == 200
+    # Two flag sets, two compile-cache folders, each written by its own engine.
+    cache = volume / "huggingface-cache" / "vllm-cache"
+    folders = [folder for version in cache.iterdir() for folder in version.iterdir()]
+    assert all((folder / "modelinfos").is_dir() for folder in folders)
+    flags = [json.loads((folder / "key.json").read_text())["flags"] for folder in folders]
+    lengths = {words[words.index("--max-model-len") + 1] for words in flags}
+    assert len(folders) == 2 and lengths == {str(requested), str(fitting)}

@@ -1,0 +1,401 @@
+"""The start-up benchmark (`make bench-startup`): how long from `docker run` to the first token, and why.
+
+RunPod bills a worker from its first `/ping` 204 and counts a cold start from
+that 204 to the first 200. This benchmark starts the real stack on the tiny
+test model, again and again, and times each start from the moment the
+process is spawned:
+
+- `/ping` first answered (204), `/ping` 200, and the first token of a
+  streamed chat request sent right after the 200;
+- the phases the supervisor reports in /health (preflight, downloading,
+  loading, warmup);
+- what the supervisor itself adds: from the spawn to the engine's spawn
+  (its "starting engine" log line), and from the engine's first healthy
+  answer to `ready` (the warm-up, and the health poll's delay).
+
+Scenarios, each in one run on the same model and flags:
+
+- `bare`: `python -m vllm.entrypoints.openai.api_server` with the exact
+  command line and environment the supervisor gives the engine for the warm
+  cache's snapshot; no wrapper, no warm-up.
+- `warm`: `scripts/start.sh` with `MODEL_NAME=org/tiny-llama` and a complete
+  cache: the model and the engine's own cache (VLLM_CACHE_ROOT) on the volume,
+  as a restart finds them; no Hub request.
+- `no-engine-cache`: the same with an empty VLLM_CACHE_ROOT, as every restart
+  was while it lived in the container's home directory.
+- `cold`: the same with an empty cache: preflight, fit check and download
+  from the local Hub double (tests/fakehub.py).
+- `precached`: the same with the model placed the way RunPod's cached models
+  are (lower-cased folder, no metadata) on a volume.
+- `baked` (`--baked IMAGE`): `docker run` of an image built by
+  `build_and_push.sh --bake` on the same model.
+
+`warm` against `bare` is the supervisor's overhead: the difference and the
+ratio of their medians, to `ready` and to the first token (`bare` pays its
+lazy initialisation in its first request, `warm` in its warm-up). Every
+repeat runs each scenario once, in an order rotated from repeat to repeat,
+after one untimed start that brings vLLM's files into the page cache.
+vLLM's CPU build cannot reload its compile cache, so warm and cold compile
+caches start alike here; the test stacks run in eager mode, as does this.
+
+Ports: 8600-8699. Output: a Markdown table on stdout and in
+bench/results/startup.md, every start in bench/results/startup.json.
+
+Run: `python -m bench.startup [--repeats N] [--scenarios bare,warm,no-engine-cache,cold,precached]
+[--baked IMAGE]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from app.config import load_settings
+from app.lifecycle.compile_cache import with_compile_cache
+from app.lifecycle.engine_args import build_engine_launch
+from app.lifecycle.model_source import prepare_model
+from app.media import detect_modalities
+from tests.fakehub import FakeHub, hub_environment
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+MODEL_DIR = REPO / ".models" / "tiny-llama"
+MODEL_ID = "org/tiny-llama"
+PORTS = {"bare": (8600, 8600), "warm": (8610, 8611), "no-engine-cache": (8650, 8651), "cold": (8620, 8621),
+         "precached": (8630, 8631), "baked": (8640, 8640)}
+# The test stacks' engine settings (tests/stack.py): eager, a 1 GiB KV cache, two threads.
+ENGINE_ENV = {
+    "DEVICE": "cpu", "ENFORCE_EAGER": "true", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2",
+    "MAX_MODEL_LEN": "2048", "LOG_FORMAT": "json", "HOST": "127.0.0.1",
+}
+READY_TIMEOUT_S = 600.0
+POLL_S = 0.05
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Start:
+    scenario: str
+    repeat: int
+    first_answer_s: float | None = None  # /ping answered at all (204), or /health for bare
+    ready_s: float | None = None  # /ping 200, or /health 200 for bare
+    first_token_s: float | None = None  # first content chunk of the first request, from the spawn
+    first_request_ttft_s: float | None = None  # that request's own time to first token
+    phases: dict[str, float] = field(default_factory=dict)
+    engine_spawn_s: float | None = None  # supervisor: from the spawn to the engine's spawn
+    load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    error: str | None = None
+
+
+class Stopped(Exception):
+    """The benchmark was interrupted."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_stopped)
+    work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    starts: list[Start] = []
+    try:
+        with FakeHub({MODEL_ID: MODEL_DIR}) as hub:
+            bench = Bench(work, hub, args)
+            bench.prepare_warm_cache()
+            # One start that is not counted: the first after a while reads vLLM's files from disk.
+            print(f"  {'(untimed)':10}    {describe(bench.run('bare', 0))}", flush=True)
+            for repeat in range(1, args.repeats + 1):
+                # Rotated, so that no scenario always follows the same one.
+                shift = (repeat - 1) % len(args.scenarios)
+                for scenario in args.scenarios[shift:] + args.scenarios[:shift]:
+                    start = bench.run(scenario, repeat)
+                    starts.append(start)
+                    print(f"  {scenario:10} #{repeat}: {describe(start)}", flush=True)
+        text = report(starts, args)
+        print(text)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / "startup.md").write_text(text)
+        (RESULTS_DIR / "startup.json").write_text(json.dumps([asdict(s) for s in starts], indent=2) + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+        return 0 if all(start.error is None for start in starts) else 1
+    except Stopped:
+        print(f"stopped; logs kept in {work}", file=sys.stderr)
+        return 130
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scenarios", default="bare,warm,no-engine-cache,cold,precached",
+                        help="comma-separated, run in this order in each repeat")
+    parser.add_argument("--baked", metavar="IMAGE", help="also time `docker run` of this baked image")
+    args = parser.parse_args(argv)
+    args.scenarios = [s for s in args.scenarios.split(",") if s] + (["baked"] if args.baked else [])
+    unknown = set(args.scenarios) - set(PORTS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return args
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+class Bench:
+    def __init__(self, work: Path, hub: FakeHub, args: argparse.Namespace) -> None:
+        self.work = work
+        self.hub = hub
+        self.args = args
+        self.warm_home = work / "warm-home"
+
+    # --- scenarios ------------------------------------------------------------------
+    def prepare_warm_cache(self) -> None:
+        """A complete cache of the model, filled by the image's own download path."""
+        os.environ.update(hub_environment(self.hub))
+        settings = load_settings({**ENGINE_ENV, "MODEL_NAME": MODEL_ID, "HF_HOME": str(self.warm_home),
+                                  "CACHE_VOLUMES": str(self.work / "no-volume")})
+        self.snapshot = prepare_model(settings, lambda phase: None, lambda progress: None).path
+
+    def run(self, scenario: str, repeat: int) -> Start:
+        start = Start(scenario, repeat, load_average=os.getloadavg())
+        log = self.work / f"{scenario}-{repeat}.log"
+        try:
+            if scenario == "bare":
+                self._bare(start, log)
+            elif scenario == "baked":
+                self._baked(start, log)
+            else:
+                self._wrapper(start, log)
+        except (TimeoutError, RuntimeError, httpx.HTTPError, OSError) as error:
+            start.error = f"{type(error).__name__}: {error}"
+        return start
+
+    def _bare(self, start: Start, log: Path) -> None:
+        port, _ = PORTS["bare"]
+        settings = load_settings({**ENGINE_ENV, "MODEL_NAME": MODEL_ID, "VLLM_PORT": str(port),
+                                  "HF_HOME": str(self.warm_home), "CACHE_VOLUMES": str(self.work / "no-volume")})
+        launch = build_engine_launch(settings, self.snapshot, detect_modalities(self.snapshot))
+        launch = with_compile_cache(launch, settings, self.snapshot, self.snapshot.name)  # the wrapper's folder
+        with Process(launch.argv, launch.env, log) as process:
+            url = f"http://127.0.0.1:{port}"
+            start.first_answer_s = wait_for(process, url + "/health", {200, 503}.__contains__)
+            start.ready_s = wait_for(process, url + "/health", (200).__eq__)
+            first_token(start, url, MODEL_ID, process)
+
+    def _wrapper(self, start: Start, log: Path) -> None:
+        port, vllm_port = PORTS[start.scenario]
+        env = {**os.environ, **ENGINE_ENV, **hub_environment(self.hub), "MODEL_NAME": MODEL_ID,
+               "PORT": str(port), "VLLM_PORT": str(vllm_port), "HF_HUB_OFFLINE": "0", "HF_TOKEN": "",
+               "PYTHON": sys.executable}
+        home = self.work / f"{start.scenario}-{start.repeat}-home"
+        env.update(HF_HOME=str(home), CACHE_VOLUMES=str(self.work / "no-volume"))
+        if start.scenario in ("warm", "no-engine-cache"):
+            env["HF_HOME"] = str(self.warm_home)
+        if start.scenario == "no-engine-cache":
+            env["VLLM_CACHE_ROOT"] = str(self.work / f"empty-engine-cache-{start.repeat}")
+        elif start.scenario == "precached":
+            volume = self.work / f"precached-{start.repeat}-volume"
+            place_like_runpod(self.snapshot, volume / "huggingface-cache" / "hub")
+            env["CACHE_VOLUMES"] = str(volume)
+        self.hub.reset_counters()
+        with Process(["bash", str(REPO / "scripts" / "start.sh")], env, log) as process:
+            url = f"http://127.0.0.1:{port}"
+            start.first_answer_s = wait_for(process, url + "/ping", {200, 204}.__contains__)
+            start.ready_s = wait_for(process, url + "/ping", (200).__eq__)
+            first_token(start, url, MODEL_ID, process)
+            start.phases = httpx.get(url + "/health", timeout=5).json()["phase_seconds"]
+            start.engine_spawn_s = seconds_to_log_line(log, "starting engine", process.spawned_wall)
+        if start.scenario in ("warm", "no-engine-cache", "precached") and self.hub.total_requests:
+            start.error = f"{self.hub.total_requests} Hub requests on a {start.scenario} start"
+
+    def _baked(self, start: Start, log: Path) -> None:
+        port, _ = PORTS["baked"]
+        name = f"bench-startup-baked-{os.getpid()}"
+        docker = os.environ.get("DOCKER", "docker")
+        argv = [docker, "run", "--rm", "--name", name, "--shm-size", "1g", "--publish", f"127.0.0.1:{port}:8000",
+                *[item for key, value in ENGINE_ENV.items() if key != "HOST" for item in ("--env", f"{key}={value}")],
+                self.args.baked]
+        with Process(argv, dict(os.environ), log, stop=[docker, "stop", "--time", "30", name]) as process:
+            url = f"http://127.0.0.1:{port}"
+            start.first_answer_s = wait_for(process, url + "/ping", {200, 204}.__contains__)
+            start.ready_s = wait_for(process, url + "/ping", (200).__eq__)
+            served = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+            first_token(start, url, served, process)
+            start.phases = httpx.get(url + "/health", timeout=5).json()["phase_seconds"]
+
+
+# --- processes and probes ----------------------------------------------------------------
+
+
+class Process:
+    """A child in its own process group, stopped with everything it started."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, stop: list[str] | None = None) -> None:
+        self.argv, self.env, self.log, self.stop_argv = argv, env, log, stop
+        self.spawned = 0.0
+        self.spawned_wall = 0.0
+
+    def __enter__(self) -> Process:
+        self._log = self.log.open("wb")
+        self.spawned, self.spawned_wall = time.monotonic(), time.time()
+        self.popen = subprocess.Popen(self.argv, env=self.env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stop_argv:
+            subprocess.run(self.stop_argv, capture_output=True, check=False, timeout=STOP_TIMEOUT_S + 10)
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            self.popen.wait(STOP_TIMEOUT_S)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        self._log.close()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.spawned
+
+    def check(self) -> None:
+        if (code := self.popen.poll()) is not None:
+            raise RuntimeError(f"exited with code {code}; see {self.log}")
+
+
+def wait_for(process: Process, url: str, accept: object) -> float:
+    """Seconds from the spawn until GET url answers a status `accept` takes."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with httpx.Client(timeout=2) as client:
+        while time.monotonic() < deadline:
+            process.check()
+            try:
+                if accept(client.get(url).status_code):  # type: ignore[operator]
+                    return process.elapsed()
+            except httpx.TransportError:
+                pass
+            time.sleep(POLL_S)
+    raise TimeoutError(f"{url} not as expected after {READY_TIMEOUT_S:g} s")
+
+
+def first_token(start: Start, url: str, model: str, process: Process) -> None:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8,
+            "stream": True}
+    sent = time.monotonic()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():  # read to the end: the request completes
+            if start.first_token_s is None and line.startswith("data: {") and '"content"' in line:
+                start.first_request_ttft_s = time.monotonic() - sent
+                start.first_token_s = process.elapsed()
+
+
+def seconds_to_log_line(log: Path, message: str, spawned_wall: float) -> float | None:
+    for raw in log.read_text(errors="replace").splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and line.get("message") == message:
+            stamp = datetime.datetime.fromisoformat(line["timestamp"]).timestamp()
+            return stamp - spawned_wall
+    return None
+
+
+def place_like_runpod(snapshot: Path, hub_cache: Path) -> None:
+    """The snapshot's files under RunPod's lower-cased folder, without refs/ or trees/."""
+    target = hub_cache / "models--org--tiny-llama" / "snapshots" / snapshot.name
+    target.mkdir(parents=True)
+    for path in snapshot.iterdir():
+        shutil.copyfile(path, target / path.name)
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def describe(start: Start) -> str:
+    if start.error:
+        return f"error: {start.error}"
+    return (f"204 {fmt(start.first_answer_s)} s, 200 {fmt(start.ready_s)} s, first token {fmt(start.first_token_s)} s"
+            f" (load {start.load_average[0]:.1f})")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def spread(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    return f"{min(present):.1f}–{max(present):.1f}" if present else "—"
+
+
+def report(starts: list[Start], args: argparse.Namespace) -> str:
+    ok = [s for s in starts if s.error is None]
+    by = {name: [s for s in ok if s.scenario == name] for name in args.scenarios}
+    loads = [s.load_average[0] for s in starts]
+    lines = [
+        f"# Start-up benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}",
+        "",
+        f"`python -m bench.startup --repeats {args.repeats} --scenarios {','.join(args.scenarios)}`: "
+        f"tiny-llama on the CPU engine, eager, {os.cpu_count()} cores, "
+        f"load average (1 min) at the starts {min(loads):.1f}–{max(loads):.1f}. Seconds from the spawn, "
+        "medians (range) over the repeats.",
+        "",
+        "| scenario | starts | first /ping 204 | /ping 200 (ready) | first token | first request TTFT | "
+        "preflight | download | engine load | warm-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, group in by.items():
+        phases = {key: median([s.phases.get(key) for s in group]) for key in
+                  ("preflight", "downloading", "loading", "warmup")}
+        lines.append(
+            f"| {name} | {len(group)} | {fmt(median([s.first_answer_s for s in group]))} | "
+            f"{fmt(median([s.ready_s for s in group]))} ({spread([s.ready_s for s in group])}) | "
+            f"{fmt(median([s.first_token_s for s in group]))} | "
+            f"{fmt(median([s.first_request_ttft_s for s in group]), 3)} | "
+            + " | ".join(fmt(phases[key], 2) for key in phases) + " |"
+        )
+    lines += ["", *overhead(by)]
+    failed = [s for s in starts if s.error]
+    if failed:
+        lines += ["", "Failed starts: " + "; ".join(f"{s.scenario} #{s.repeat}: {s.error}" for s in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def overhead(by: dict[str, list[Start]]) -> list[str]:
+    bare, warm = by.get("bare") or [], by.get("warm") or []
+    if not bare or not warm:
+        return []
+    out = []
+    for label, attr in (("ready", "ready_s"), ("first token", "first_token_s")):
+        b, w = median([getattr(s, attr) for s in bare]), median([getattr(s, attr) for s in warm])
+        if b and w:
+            out.append(f"- Supervisor overhead to {label}: {w - b:+.2f} s ({w / b:.3f}× a bare `vllm serve`).")
+    spawn = median([s.engine_spawn_s for s in warm])
+    warmup = median([s.phases.get("warmup") for s in warm])
+    if spawn is not None:
+        out.append(f"- From the spawn to the engine's spawn (settings, cache look-up, fit check): {spawn:.2f} s.")
+    if warmup is not None:
+        out.append(f"- Warm-up, between the engine's first healthy answer and `ready`: {warmup:.2f} s.")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
