@@ -13,11 +13,9 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from tests.fake_engine import SERVED_NAME, FakeEngine
 from tests.inprocess import Wrapper, running_wrapper
@@ -25,14 +23,6 @@ from tests.inprocess import Wrapper, running_wrapper
 KEY = "door-key"
 CHAT = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
 MiB = 1024 * 1024
-
-
-@pytest_asyncio.fixture
-async def engine() -> AsyncIterator[FakeEngine]:
-    fake = FakeEngine()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def bearer(key: str = KEY) -> dict[str, str]:
