@@ -456,7 +456,7 @@ class ApiChecks:
 
     def _require_endpoint(self, path: str, what: str) -> None:
         if path not in self._capabilities()["endpoints"]:
-            raise Skipped(f"model serves no {what} ({path} is not among its endpoints)")
+            raise Skipped(f"the model does not serve {what} ({path} is not among its endpoints)")
 
     def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         response = self.http.post(path, json=body)

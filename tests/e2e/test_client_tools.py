@@ -54,7 +54,7 @@ def test_test_api_passes_on_text_stack_and_skips_media_with_reason(text_stack: S
     }
     assert rows["video"]["detail"] == "model has no video input (modalities: text)"
     assert rows["tool calling"]["detail"] == "deployment advertises no tool calling (set TOOL_CALL_PARSER)"
-    assert rows["embeddings"]["detail"].startswith("model serves no embeddings")
+    assert rows["embeddings"]["detail"].startswith("the model does not serve embeddings")
     assert "CHECK" in output and "10 passed, 0 failed, 7 skipped" in output
 
 
