@@ -6,9 +6,6 @@ openai SDK, with the tokens counted in the request's log line; chat refused
 with an OpenAI-shaped 404; client_example.py embeds; test_api.py checks
 embeddings and skips chat. The random weights make the vectors meaningless:
 this proves the plumbing. The stack serves this module only.
-
-`/pooling` is a root-level engine route: `needs_route_table` marks the test
-that passes once the wrapper forwards it.
 """
 
 from __future__ import annotations
@@ -79,14 +76,12 @@ def test_client_example_embeds(embedding_stack: Stack) -> None:
     assert [row["dimensions"] for row in printed] == [hidden_size()] * 2
 
 
-@pytest.mark.needs_route_table
 def test_pooling_returns_the_pooled_vectors(embedding_stack: Stack) -> None:
     response = httpx.post(f"{embedding_stack.base_url}/pooling", json={"model": MODEL, "input": ["Hi"]}, timeout=60)
     assert response.status_code == 200, response.text
     assert len(response.json()["data"]) == 1
 
 
-@pytest.mark.needs_info_capabilities
 def test_test_api_checks_embeddings_and_skips_chat(embedding_stack: Stack, tmp_path: Path) -> None:
     code, output, rows = run_test_api(embedding_stack.base_url, tmp_path)
     assert code == 0, output

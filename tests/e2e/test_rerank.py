@@ -4,9 +4,6 @@ A tiny random BERT with one label (`BertForSequenceClassification`): vLLM
 picks the pooling runner from the architecture. The scores are meaningless;
 the test checks that each document gets one, and that rerank returns the
 documents ordered by those same scores. The stack serves this module only.
-
-`/rerank` and `/v2/rerank` are root-level engine routes: `needs_route_table`
-marks the cases that pass once the wrapper forwards them.
 """
 
 from __future__ import annotations
@@ -51,8 +48,7 @@ def test_a_cross_encoder_scores_every_document(reranker_stack: Stack) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/rerank", pytest.param("/rerank", marks=pytest.mark.needs_route_table),
-     pytest.param("/v2/rerank", marks=pytest.mark.needs_route_table)],
+    ["/v1/rerank", "/rerank", "/v2/rerank"],
 )
 def test_rerank_orders_the_documents_by_their_scores(reranker_stack: Stack, path: str) -> None:
     expected = scores(reranker_stack)

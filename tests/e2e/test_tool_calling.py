@@ -151,7 +151,6 @@ def test_client_example_calls_tools_and_answers_in_json(tools_stack: Stack, tmp_
     jsonschema.validate(printed[0]["arguments"], TIME_SCHEMA)
 
 
-@pytest.mark.needs_info_capabilities
 def test_test_api_checks_tool_calling_where_a_parser_is_set(tools_stack: Stack, tmp_path: Path) -> None:
     code, output, rows = run_test_api(tools_stack.base_url, tmp_path)
     assert code == 0, output

@@ -4,8 +4,8 @@ The pinned vLLM's CPU build serves Whisper (audio decoded with PyAV); the
 random weights transcribe a 440 Hz tone into noise, so the tests check the
 shape of the answer, its language and the clip's duration. The first test
 goes straight to the engine (what the CPU build can do); the second goes
-through the wrapper, which must relay the multipart body: it is marked
-`needs_route_table`. The stack serves this module only.
+through the wrapper, which must relay the multipart body. The stack serves
+this module only.
 """
 
 from __future__ import annotations
@@ -44,6 +44,5 @@ def test_the_cpu_engine_serves_whisper(whisper_stack: Stack) -> None:
     transcribe(openai.OpenAI(base_url=f"{whisper_stack.engine_url}/v1", api_key="unused", max_retries=0, timeout=180))
 
 
-@pytest.mark.needs_route_table
 def test_a_transcription_through_the_wrapper(whisper_stack: Stack) -> None:
     transcribe(openai_client(whisper_stack))
