@@ -420,7 +420,11 @@ def _describe(exc: ValidationError, values: dict[str, str]) -> str:
     lines = []
     for error in exc.errors():
         name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
-        secret = name in {"HF_TOKEN", "API_KEY", "CONVERSATIONS_DB_URL"}
+        secret = name in SECRET_SETTINGS
         shown = "" if secret or name not in values else f"={values[name]!r}"
         lines.append(f"Invalid setting {name}{shown}: {error['msg']}")
     return "; ".join(lines)
+
+
+# Settings whose values are secrets: never shown in errors, /info or logs, never passed on.
+SECRET_SETTINGS = frozenset(name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation))

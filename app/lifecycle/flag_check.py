@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from app.config import Settings, load_settings
+from app.config import SECRET_SETTINGS, Settings, load_settings
 from app.lifecycle.engine_args import SETTING_OF_FLAG, build_engine_args
 from app.lifecycle.processes import die_with_parent
 
@@ -294,8 +294,18 @@ def _extra_flags(extra_args: str) -> set[str]:
 # --- the full check: vLLM's own parser, in a child process -----------------------------------------
 
 
+def check_environment(engine_env: Mapping[str, str], source: Mapping[str, str]) -> dict[str, str]:
+    """The check's environment: the engine's, plus the settings in `source` that make its command line.
+
+    The engine's environment holds none of the wrapper's settings, but the
+    check reads them to build the command line; secrets make no flag and stay out.
+    """
+    names = set(Settings.model_fields) - SECRET_SETTINGS
+    return {**engine_env, **{key: value for key, value in source.items() if key.upper() in names}}
+
+
 async def check_engine_flags(env: Mapping[str, str], timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
-    """The full check's sentence, or None; runs `python -m app.lifecycle.flag_check` with the engine's `env`."""
+    """The full check's sentence, or None; runs `python -m app.lifecycle.flag_check` in `env` (`check_environment`)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app.lifecycle.flag_check",
         env=dict(env), stdin=asyncio.subprocess.DEVNULL,

@@ -39,7 +39,7 @@ import aiohttp
 
 from app.config import ConfigError, Settings, load_settings
 from app.lifecycle.engine_args import build_engine_args, build_engine_launch, engine_env, resolve_device
-from app.lifecycle.flag_check import EngineFacts, check_argv, check_engine_flags, spot_refusal
+from app.lifecycle.flag_check import EngineFacts, check_argv, check_engine_flags, check_environment, spot_refusal
 from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
@@ -275,7 +275,8 @@ class Supervisor:
         self.board.enter(Phase.PREFLIGHT)
         started = time.monotonic()
         try:
-            sentence = await check_engine_flags(engine_env(self.settings, resolve_device(self.settings.DEVICE)))
+            engine = engine_env(self.settings, resolve_device(self.settings.DEVICE))
+            sentence = await check_engine_flags(check_environment(engine, os.environ))
         except OSError as error:  # the child could not be started: the engine judges its flags itself
             log.warning("engine flag check could not start", extra={"error": str(error)})
             return None

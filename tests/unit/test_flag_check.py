@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings, load_settings
-from app.lifecycle.engine_args import SETTING_OF_FLAG
+from app.lifecycle.engine_args import SETTING_OF_FLAG, engine_env
 from app.lifecycle.flag_check import (
     FACTS_FILE,
     EngineFacts,
     check_argv,
     check_engine_flags,
+    check_environment,
     engine_parser,
     installed_vllm_version,
     refusal,
@@ -221,3 +222,15 @@ def test_a_check_that_cannot_run_is_skipped_and_logged(caplog: pytest.LogCapture
     env = {**os.environ, "MODEL_NAME": "org/model", "MAX_NUM_SEQS": "not-a-number"}  # the child cannot load settings
     assert asyncio.run(check_engine_flags(env)) is None
     assert any("could not run" in record.getMessage() for record in caplog.records)
+
+
+def test_the_full_check_sees_the_settings_the_engine_does_not_get() -> None:
+    """The engine's environment holds no wrapper setting; the check needs them to build the command line."""
+    source = {"VLLM_EXTRA_ARGS": "--max-num-seqs lots", "MAX_MODEL_LEN": "512", "API_KEY": "k",
+              "HF_TOKEN": "hf_x", "CONVERSATIONS_DB_URL": "postgresql://u:p@h/d", "PATH": "/bin"}
+    engine = engine_env(load_settings(source), "cpu", base=source)
+    assert "VLLM_EXTRA_ARGS" not in engine
+    env = check_environment(engine, source)
+    assert env["VLLM_EXTRA_ARGS"] == "--max-num-seqs lots" and env["MAX_MODEL_LEN"] == "512"
+    assert not {"API_KEY", "HF_TOKEN", "CONVERSATIONS_DB_URL"} & env.keys(), "secrets make no flag"
+    assert env["PATH"] == "/bin"
