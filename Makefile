@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 
 # `make run` passes the environment through, like the container would receive it.
 # With no MODEL_NAME it serves SmolLM2-135M-Instruct, converted offline by `make models`, under
-# the Hub id it was converted from, with its folder name as an alias.
+# the Hub id it was converted from, with its folder name as an alias. These defaults are the
+# run target's only: the tests set what each stack needs.
 ifeq ($(origin MODEL_NAME),undefined)
-export MODEL_NAME := $(CURDIR)/.models/smollm2-135m-instruct
-export SERVED_MODEL_NAME ?= HuggingFaceTB/SmolLM2-135M-Instruct,smollm2-135m-instruct
+run: export MODEL_NAME := $(CURDIR)/.models/smollm2-135m-instruct
+run: export SERVED_MODEL_NAME ?= HuggingFaceTB/SmolLM2-135M-Instruct,smollm2-135m-instruct
 endif
-export ENFORCE_EAGER ?= true
+run: export ENFORCE_EAGER ?= true
 
 .PHONY: run test setup system models bench clean
 

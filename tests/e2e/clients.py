@@ -10,10 +10,10 @@ from typing import Any
 
 import openai
 
-from tests.stack import Stack
+from tests.stack import Stack, port
 
 ROOT = Path(__file__).resolve().parents[2]
-MEDIA_PORT = 8761
+MEDIA_PORT = port(761)  # under E2E_PORT_BASE, like every test port
 
 
 def openai_client(stack: Stack) -> openai.OpenAI:

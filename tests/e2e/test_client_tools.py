@@ -22,9 +22,9 @@ from PIL import Image
 import client_example as ce
 from tests.e2e.clients import MEDIA_PORT, ROOT, run_test_api, skipped, statuses
 from tests.e2e.conftest import TEXT_MODEL, VLM_MODEL
-from tests.stack import Stack
+from tests.stack import Stack, port
 
-STUB_PORT = 8760
+STUB_PORT = port(760)
 
 
 # --- test_api.py against real stacks ---------------------------------------------------

@@ -28,8 +28,9 @@ from PIL import Image
 
 import client_example as ce
 from tests.media_server import sample_mp4
+from tests.unit.test_bench_loadgen import free_port
 
-PORT = 8741
+PORT = free_port()  # a port of its own: several test runs may share the machine
 COMPLETION = {
     "id": "c1",
     "object": "chat.completion",
