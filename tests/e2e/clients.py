@@ -20,13 +20,6 @@ def openai_client(stack: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=180)
 
 
-def request_log_line(stack: Stack, request_id: str) -> dict[str, Any]:
-    """The one access-log line of the request with this X-Request-ID."""
-    lines = [line for line in stack.request_lines() if line.get("request_id") == request_id]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def run_test_api(base_url: str, tmp_path: Path, *args: str) -> tuple[int, str, dict[str, dict[str, Any]]]:
     """Exit code, output and the report rows by check name of `python test_api.py base_url`."""
     report = tmp_path / "report.json"

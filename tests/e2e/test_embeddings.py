@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import client_example as ce
-from tests.e2e.clients import openai_client, request_log_line, run_client_example, run_test_api
+from tests.e2e.clients import openai_client, run_client_example, run_test_api
 from tests.stack import Stack, kill_tree, model_dir, port, start_stack
 
 MODEL = "tiny-llama"
@@ -50,7 +50,7 @@ def test_a_batch_has_one_vector_of_the_models_size_per_input(embedding_stack: St
     vectors = [item.embedding for item in embeddings.data]
     assert all(len(vector) == hidden_size() for vector in vectors)
     assert len({tuple(vector) for vector in vectors}) == 3
-    line = request_log_line(embedding_stack, "embedding-batch")
+    line = embedding_stack.request_line("embedding-batch")
     assert line["path"] == "/v1/embeddings" and line["status"] == 200
     assert line["prompt_tokens"] == embeddings.usage.prompt_tokens > 0
 

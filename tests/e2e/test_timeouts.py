@@ -47,12 +47,15 @@ def assert_engine_stopped_early(stack: Stack, completed_before: float, timeout_s
 def test_non_streaming_request_over_request_timeout_is_a_504(text_stack: Stack, wrapper) -> None:
     gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
     before = completed(text_stack)
-    response = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=long_generation(False), timeout=30)
+    response = httpx.post(
+        f"{gateway.base_url}/v1/chat/completions", json=long_generation(False), timeout=30,
+        headers={"X-Request-ID": "over-request-timeout"},
+    )
     assert response.status_code == 504
     error = response.json()["error"]
     assert "REQUEST_TIMEOUT_S" in error["message"] and error["code"] == "timeout"
     assert_engine_stopped_early(text_stack, before)
-    line = [entry for entry in gateway.request_lines() if entry["path"] == "/v1/chat/completions"][-1]
+    line = gateway.request_line("over-request-timeout")
     assert line["status"] == 504 and line["error"] == "timeout"
 
 
