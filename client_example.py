@@ -10,6 +10,12 @@ module does both once, synchronously and with asyncio, and doubles as a demo:
     python client_example.py --base-url URL --stream "Tell me a story"
     python client_example.py --base-url URL --video clip.mp4 "What happens here?"
     python client_example.py --base-url URL --async --image https://example.com/cat.png "What is it?"
+    python client_example.py --base-url URL --json-schema '{"type": "object", ...}' "Invent a person"
+    python client_example.py --base-url URL --tool weather.json "What is the weather in Paris?"
+    python client_example.py --base-url URL --embed "first text" "second text"
+
+Tool calling needs a deployment with TOOL_CALL_PARSER set; embeddings need an
+embedding model (or RUNNER=pooling with CONVERT=embed); see the README.
 
 `/generate` conversations (`generate()`): on a RunPod Serverless endpoint with
 several workers, each conversation is stored by the worker that started it
@@ -38,6 +44,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import mimetypes
 import os
 import sys
@@ -146,6 +153,14 @@ def as_messages(
     return list(prompt)
 
 
+def function_tool(name: str, description: str, parameters: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """A tool definition for `tools=`. `strict` makes the server hold the arguments to `parameters`."""
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": parameters, "strict": strict},
+    }
+
+
 def api_base(base_url: str) -> str:
     """`http://host:8000` or `http://host:8000/v1` -> the SDK's base URL (`.../v1`)."""
     base = base_url.rstrip("/")
@@ -241,6 +256,28 @@ class InferenceClient:
             messages=as_messages(prompt, images, videos),
             **params,
         )
+
+    def call_tools(
+        self, prompt: str | Sequence[Message], tools: Sequence[dict[str, Any]], choice: str = "required", **params: Any
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The model's tool calls as (function name, arguments): `choice` is required, auto, or a function name."""
+        tool_choice: Any = choice
+        if choice not in ("required", "auto", "none"):
+            tool_choice = {"type": "function", "function": {"name": choice}}
+        reply = self.chat(prompt, tools=list(tools), tool_choice=tool_choice, **params)
+        calls = reply.choices[0].message.tool_calls or []
+        return [(call.function.name, json.loads(call.function.arguments)) for call in calls]
+
+    def structured(self, prompt: str | Sequence[Message], schema: dict[str, Any], **params: Any) -> Any:
+        """A reply constrained to the JSON schema, parsed."""
+        response_format = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        reply = self.chat(prompt, response_format=response_format, **params)
+        return json.loads(reply.choices[0].message.content or "null")
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One vector per text, in order (an embedding model)."""
+        reply = self.openai.embeddings.create(model=self.model, input=list(texts))
+        return [item.embedding for item in sorted(reply.data, key=lambda item: item.index)]
 
     def stream_chat(
         self,
@@ -356,7 +393,7 @@ class AsyncInferenceClient:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a vllm-inference-api deployment.")
-    parser.add_argument("prompt", help="the user message")
+    parser.add_argument("prompt", nargs="+", help="the user message (with --embed: each text to embed)")
     parser.add_argument(
         "--base-url",
         default=os.environ.get("BASE_URL", "http://localhost:8000"),
@@ -370,31 +407,62 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     parser.add_argument("--async", dest="use_async", action="store_true", help="use the asyncio client")
+    parser.add_argument(
+        "--json-schema", help="answer as JSON matching this schema (inline JSON or a file); prints the JSON"
+    )
+    parser.add_argument(
+        "--tool", action="append", default=[],
+        help="a function the model must call, as JSON {name, description, parameters} inline or in a file "
+        "(repeatable); prints the calls",
+    )
+    parser.add_argument("--embed", action="store_true", help="print the embedding of each prompt text")
     parser.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES)
     return parser.parse_args(argv)
+
+
+def _json_argument(value: str) -> Any:
+    """Inline JSON, or the path of a JSON file."""
+    return json.loads(value if value.lstrip().startswith(("{", "[")) else Path(value).read_text())
 
 
 def _run_sync(args: argparse.Namespace) -> None:
     client = InferenceClient(args.base_url, args.api_key, args.model, max_retries=args.max_retries)
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.embed:
+        for text, vector in zip(args.prompt, client.embed(args.prompt), strict=True):
+            print(json.dumps({"text": text, "dimensions": len(vector), "embedding": vector}))
+        return
+    prompt = " ".join(args.prompt)
+    if args.json_schema:
+        print(json.dumps(client.structured(prompt, _json_argument(args.json_schema), **params), indent=2))
+        return
+    if args.tool:
+        definitions = [_json_argument(tool) for tool in args.tool]
+        if not all(isinstance(d, dict) and "name" in d and "parameters" in d for d in definitions):
+            raise ValueError("each --tool needs a JSON object with name and parameters")
+        tools = [function_tool(d["name"], d.get("description", ""), d["parameters"]) for d in definitions]
+        for name, arguments in client.call_tools(prompt, tools, **params):
+            print(json.dumps({"name": name, "arguments": arguments}))
+        return
     if args.stream:
-        for piece in client.stream_chat(args.prompt, args.image, args.video, **params):
+        for piece in client.stream_chat(prompt, args.image, args.video, **params):
             print(piece, end="", flush=True)
         print()
     else:
-        print(client.chat(args.prompt, args.image, args.video, **params).choices[0].message.content)
+        print(client.chat(prompt, args.image, args.video, **params).choices[0].message.content)
 
 
 async def _run_async(args: argparse.Namespace) -> None:
     client = AsyncInferenceClient(args.base_url, args.api_key, args.model, max_retries=args.max_retries)
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    prompt = " ".join(args.prompt)
     try:
         if args.stream:
-            async for piece in client.stream_chat(args.prompt, args.image, args.video, **params):
+            async for piece in client.stream_chat(prompt, args.image, args.video, **params):
                 print(piece, end="", flush=True)
             print()
         else:
-            print((await client.chat(args.prompt, args.image, args.video, **params)).choices[0].message.content)
+            print((await client.chat(prompt, args.image, args.video, **params)).choices[0].message.content)
     finally:
         await client.close()
 

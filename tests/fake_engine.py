@@ -73,6 +73,7 @@ class FakeEngine:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/messages", self._anthropic_stream)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/v1/audio/transcriptions", self._transcription)
         app.router.add_get("/v1/responses/{id}", self._redirect_response)
@@ -131,6 +132,21 @@ class FakeEngine:
             "data": [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]} for i in range(len(inputs))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
+
+    async def _anthropic_stream(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic Messages, streamed: its usage sits in message_start and message_delta."""
+        await self._record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for kind, data in (
+            ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 7, "output_tokens": 1}}}),
+            ("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 2}}),
+            ("message_stop", {"type": "message_stop"}),
+        ):
+            await response.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+        return response
 
     async def _transcription(self, request: web.Request) -> web.Response:
         received = await self._record(request)

@@ -12,17 +12,24 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
+
+from app.config import Settings
+
+SETTING_NAMES = frozenset(Settings.model_fields)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("TEST_MODELS_DIR", ROOT / ".models"))
 START_SH = ROOT / "scripts" / "start.sh"
 ENGINE_READY_TIMEOUT_S = 420.0
+# A request's log line follows its response; on a busy machine, a while after.
+LOG_LINE_TIMEOUT_S = 60.0
 # Every stack port is PORT_BASE + a fixed offset, so two test runs on one
 # machine can use different bases (E2E_PORT_BASE) without colliding.
 PORT_BASE = int(os.environ.get("E2E_PORT_BASE", "9000"))
@@ -72,6 +79,32 @@ class Stack:
 
     def request_lines(self) -> list[dict[str, object]]:
         return [line for line in self.logs() if line.get("logger") == "app.access"]
+
+    def request_line(self, request_id: str, timeout_s: float = LOG_LINE_TIMEOUT_S) -> dict[str, Any]:
+        """The one access-log line of the request with this X-Request-ID.
+
+        The wrapper writes it after the response has left, so a client that has its
+        answer may still be ahead of the line: wait for it.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.request_lines() if line.get("request_id") == request_id]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(lines) == 1, f"expected one log line for request {request_id}, found {lines}"
+        return lines[0]
+
+    def wait_for_request_lines(
+        self, keep: Callable[[dict[str, Any]], bool], count: int, timeout_s: float = LOG_LINE_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
+        """The access-log lines that `keep` selects, once there are at least `count` of them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in self.request_lines() if keep(line)]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.1)
 
     def descendants(self) -> list[psutil.Process]:
         try:
@@ -134,7 +167,9 @@ def start_stack(
     wait: bool = True,
 ) -> Stack:
     """Start `scripts/start.sh` for `model`; with `wait`, return once /health is 200."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("VLLM_", "MODEL_"))}
+    # The caller's own settings (a developer's shell, `make`) never leak into a stack: it gets exactly
+    # what the test asks for.
+    env = {key: value for key, value in os.environ.items() if not _is_setting(key)}
     env.update(CPU_ENGINE_ENV)
     env.update({"MODEL_NAME": str(model), "PORT": str(port), "VLLM_PORT": str(vllm_port), "HOST": "127.0.0.1"})
     env.update(extra_env or {})
@@ -151,6 +186,10 @@ def start_stack(
             kill_tree(process.pid)
             raise
     return stack
+
+
+def _is_setting(name: str) -> bool:
+    return name.upper() in SETTING_NAMES or name.startswith(("VLLM_", "MODEL_"))
 
 
 def model_dir(name: str) -> Path:

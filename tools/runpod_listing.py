@@ -95,6 +95,19 @@ FORM: dict[str, FormInput] = {
     "MAX_CONCURRENT_REQUESTS": FormInput("Concurrent requests", advanced=False),
     "MODEL_REVISION": FormInput("Model revision"),
     "SERVED_MODEL_NAME": FormInput("Served model name"),
+    "RUNNER": FormInput("Runner (pooling for embedding and scoring models)"),
+    "CONVERT": FormInput("Convert the model to"),
+    "TOOL_CALL_PARSER": FormInput("Tool-call parser"),
+    "ENABLE_AUTO_TOOL_CHOICE": FormInput("Automatic tool choice"),
+    "REASONING_PARSER": FormInput("Reasoning parser"),
+    "CHAT_TEMPLATE": FormInput("Chat template"),
+    "AUDIO_LIMIT": FormInput("Audio clips per request"),
+    "SPECULATIVE_CONFIG": FormInput("Speculative decoding (JSON)"),
+    "KV_CACHE_DTYPE": FormInput("KV cache data type"),
+    "GENERATION_CONFIG": FormInput("Generation config"),
+    "LOAD_FORMAT": FormInput("Weight format"),
+    "MM_ENCODER_TP_MODE": FormInput("Vision encoder across GPUs"),
+    "MM_PROCESSOR_CACHE_GB": FormInput("Media processor cache (GiB)"),
     "VLLM_EXTRA_ARGS": FormInput("Extra engine flags"),
     "QUANTIZATION": FormInput("Quantization"),
     "DTYPE": FormInput("Data type"),
@@ -183,7 +196,6 @@ class Preset:
 
 
 # One model of each kind. The templates deploy the vision preset.
-# The embedding preset selects vLLM's pooling runner through VLLM_EXTRA_ARGS.
 TEXT = Preset(
     "Text: Qwen2.5-7B-Instruct",
     {"MODEL_NAME": "Qwen/Qwen2.5-7B-Instruct", "MAX_MODEL_LEN": 8192, "IMAGE_LIMIT": 0, "VIDEO_LIMIT": 0},
@@ -199,7 +211,8 @@ EMBEDDING = Preset(
         "MAX_MODEL_LEN": 8192,
         "IMAGE_LIMIT": 0,
         "VIDEO_LIMIT": 0,
-        "VLLM_EXTRA_ARGS": "--runner pooling --convert embed",
+        "RUNNER": "pooling",
+        "CONVERT": "embed",
     },
 )
 PRESETS = (TEXT, VISION, EMBEDDING)
@@ -239,9 +252,10 @@ class ListingError(ValueError):
 
 
 def _value_type(annotation: Any) -> Any:
-    """`int | None` -> int; a Literal stays a Literal."""
+    """`int | None` -> int; a Literal stays a Literal; `int | Literal["auto"]` is typed in as a string."""
     if get_origin(annotation) in (Union, types.UnionType):
-        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+        kinds = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return kinds[0] if len(kinds) == 1 else str
     return annotation
 
 

@@ -38,7 +38,6 @@ from tests.promql_names import load_dashboard_exprs, missing_names
 from tests.stack import ROOT, Stack, model_dir, port
 
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "vllm-inference-api.json"
-LOG_LINE_TIMEOUT_S = 10.0
 PROMPT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to ten"}]
 TOO_LONG = [{"role": "user", "content": "word " * 5000}]
 SUMMARY_FIELDS = {
@@ -99,18 +98,6 @@ def summed_by(values: dict[Labels, float], *keep: str) -> dict[tuple[str, ...], 
 def v1_only(values: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
     """The inference routes; the probes the test harness sent are counted too but are not the point."""
     return {key: value for key, value in values.items() if key[0].startswith("/v1/")}
-
-
-def log_line(stack: Stack, request_id: str) -> dict[str, Any]:
-    """The summary line of one request; written just after the response, so wait a little for it."""
-    deadline = time.monotonic() + LOG_LINE_TIMEOUT_S
-    while True:
-        lines = [line for line in stack.request_lines() if line.get("request_id") == request_id]
-        if lines or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert len(lines) == 1, f"expected one log line for {request_id}, found {lines}"
-    return lines[0]
 
 
 def sse_events(response: httpx.Response) -> list[dict[str, Any]]:
@@ -248,7 +235,7 @@ def test_each_request_writes_one_complete_json_log_line(text_stack: Stack, wrapp
         )
 
     for request_id, usage, stream in (("log-plain", plain.usage, False), ("log-stream", streamed_usage, True)):
-        line = log_line(gateway, request_id)
+        line = gateway.request_line(request_id)
         assert SUMMARY_FIELDS <= line.keys(), SUMMARY_FIELDS - line.keys()
         assert (line["level"], line["logger"], line["method"], line["path"]) == (
             "INFO", "app.access", "POST", "/v1/chat/completions"
@@ -265,7 +252,7 @@ def test_each_request_writes_one_complete_json_log_line(text_stack: Stack, wrapp
         else:
             assert line["ttft_ms"] is None
 
-    failed = log_line(gateway, "log-too-long")
+    failed = gateway.request_line("log-too-long")
     assert SUMMARY_FIELDS <= failed.keys(), SUMMARY_FIELDS - failed.keys()
     assert (failed["status"], failed["error"], failed["stream"]) == (400, "client_error", False)
     assert (failed["prompt_tokens"], failed["completion_tokens"], failed["tokens_per_s"]) == (None, None, None)
@@ -285,7 +272,7 @@ def test_image_counts_reach_the_log_line_and_metrics(vlm_stack: Stack) -> None:
         extra_headers={"X-Request-ID": "log-two-images"},
     )
 
-    assert log_line(vlm_stack, "log-two-images")["modalities"] == {"text": 1, "image": 2, "video": 0}
+    assert vlm_stack.request_line("log-two-images")["modalities"] == {"text": 1, "image": 2, "video": 0}
     after = samples(scrape(vlm_stack), "vllm_api_media_items_total")
     image, video = (("modality", "image"),), (("modality", "video"),)
     assert (after[image] - before[image], after[video] - before[video]) == (2, 0)
@@ -332,9 +319,9 @@ def test_stream_without_include_usage_gets_no_usage_chunk_but_is_counted(
     usage = usage_event["usage"]
     assert usage["completion_tokens"] == 6
 
-    not_asked = log_line(gateway, "usage-not-asked")
+    not_asked = gateway.request_line("usage-not-asked")
     assert (not_asked["prompt_tokens"], not_asked["completion_tokens"]) == (usage["prompt_tokens"], 6)
-    asked = log_line(gateway, "usage-asked")
+    asked = gateway.request_line("usage-asked")
     assert (asked["prompt_tokens"], asked["completion_tokens"]) == (usage["prompt_tokens"], 6)
     assert counted(samples(scrape(gateway), "vllm_api_completion_tokens_total")) == {(("model", TEXT_MODEL),): 12}
 
@@ -408,7 +395,7 @@ def test_stream_is_complete_when_the_client_hangs_up_right_after_done(
         ))
         assert chunks[-1].choices[0].finish_reason == "length"
 
-    lines = [log_line(gateway, f"sdk-stream-{index}") for index in range(3)]
+    lines = [gateway.request_line(f"sdk-stream-{index}") for index in range(3)]
     outcomes = [(line["status"], line["completion_tokens"], line.get("error")) for line in lines]
     assert outcomes == [(200, 4, None)] * 3, lines
     text = scrape(gateway)
@@ -427,7 +414,7 @@ def test_incoming_request_id_is_echoed_and_logged(text_stack: Stack) -> None:
         assert response.headers["x-request-id"] == "trace-e2e-42"
         sse_events(response)
 
-    assert log_line(text_stack, "trace-e2e-42")["path"] == "/v1/chat/completions"
+    assert text_stack.request_line("trace-e2e-42")["path"] == "/v1/chat/completions"
 
 
 def test_request_id_is_generated_when_absent(text_stack: Stack) -> None:
@@ -439,7 +426,7 @@ def test_request_id_is_generated_when_absent(text_stack: Stack) -> None:
         assert response.status_code == 200
         request_id = response.headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", request_id), request_id
-        assert log_line(text_stack, request_id)["path"] == response.url.path
+        assert text_stack.request_line(request_id)["path"] == response.url.path
         ids.append(request_id)
     assert ids[0] != ids[1]
 

@@ -110,17 +110,6 @@ def wrapper_pids(stack: Stack) -> set[int]:
     return {p.pid for p in stack.descendants() if "app.serve" in " ".join(p.cmdline())}
 
 
-def access_line(stack: Stack, request_id: str) -> dict[str, object]:
-    """The request's summary line; it is written just after the response, so wait briefly for it."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [line for line in stack.request_lines() if line.get("request_id") == request_id]
-        if lines:
-            return lines[0]
-        assert time.monotonic() < deadline, f"no log line for request {request_id}"
-        time.sleep(0.1)
-
-
 def test_wrapper_only_serves_probes_inference_metrics_and_logs(engine: RemoteEngine, front: Stack) -> None:
     health = httpx.get(f"{front.base_url}/health", timeout=5)
     assert health.status_code == 200
@@ -143,7 +132,7 @@ def test_wrapper_only_serves_probes_inference_metrics_and_logs(engine: RemoteEng
     assert "vllm_api_engine_metrics_up 1.0" in metrics
     assert "vllm:generation_tokens_total{" in metrics and "vllm:num_requests_running{" in metrics
 
-    line = access_line(front, reply.headers["x-request-id"])
+    line = front.request_line(reply.headers["x-request-id"])
     assert line["status"] == 200 and line["model"] == TEXT_MODEL and line["path"] == "/v1/chat/completions"
     assert line["completion_tokens"] == 8 and line["prompt_tokens"] > 0 and "error" not in line
 
@@ -186,7 +175,7 @@ def test_engine_outage_is_a_retryable_503_and_heals_without_wrapper_restart(engi
         error = refused.json()["error"]
         assert error["type"] == "service_unavailable" and error["code"] == "engine_unavailable"
         assert "ENGINE_URL" in error["message"] and "not reachable" in error["message"]
-        line = access_line(front, refused.headers["x-request-id"])
+        line = front.request_line(refused.headers["x-request-id"])
         assert line["status"] == 503 and line["error"] == "unavailable"
     refused = httpx.post(f"{front.base_url}/generate", json={"prompt": "Hello", "max_tokens": 4}, timeout=30)
     assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1

@@ -28,8 +28,9 @@ from PIL import Image
 
 import client_example as ce
 from tests.media_server import sample_mp4
+from tests.unit.test_bench_loadgen import free_port
 
-PORT = 8741
+PORT = free_port()  # a port of its own: several test runs may share the machine
 COMPLETION = {
     "id": "c1",
     "object": "chat.completion",
@@ -46,6 +47,8 @@ class Script:
 
     answers: list[int | str]
     requests: list[dict[str, object]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    reply: dict[str, object] = field(default_factory=lambda: COMPLETION)  # the 200 body
 
 
 @pytest.fixture
@@ -58,13 +61,14 @@ def stub() -> Iterator[Script]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             script.requests.append(body)
+            script.paths.append(self.path)
             answer = script.answers.pop(0) if script.answers else 200
             if answer == "drop":
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
             payload = json.dumps(
-                COMPLETION
+                script.reply
                 if answer == 200
                 else {"error": {"message": "busy", "type": "x", "param": None, "code": answer}}
             ).encode()
@@ -347,3 +351,75 @@ def test_the_latest_worker_wins_and_old_conversations_are_forgotten(monkeypatch:
     assert affinity.headers("c2") == {ce.WORKER_ID_HEADER: "strict pod-3"}
     affinity.remember("c4", "pod-5")
     assert affinity.headers("c2") == {} and affinity.headers("c3") == {ce.WORKER_ID_HEADER: "strict pod-4"}
+
+
+# --- tools, structured output, embeddings --------------------------------------------------
+
+
+def completion_with(message: dict[str, object], finish_reason: str = "stop") -> dict[str, object]:
+    return {**COMPLETION, "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish_reason}]}
+
+
+WEATHER = ce.function_tool("get_weather", "The weather", {"type": "object", "properties": {"city": {"type": "string"}}})
+
+
+def test_a_required_tool_call_comes_back_as_name_and_arguments(stub: Script) -> None:
+    stub.reply = completion_with(
+        {"content": None, "tool_calls": [{"id": "t1", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        "tool_calls",
+    )
+    assert client(max_retries=0).call_tools("Weather in Paris?", [WEATHER]) == [("get_weather", {"city": "Paris"})]
+    sent = stub.requests[0]
+    assert sent["tool_choice"] == "required"
+    assert sent["tools"] == [WEATHER] and WEATHER["function"]["strict"] is True
+
+
+def test_a_tool_can_leave_its_arguments_unchecked() -> None:
+    assert ce.function_tool("f", "d", {}, strict=False)["function"]["strict"] is False
+
+
+def test_naming_the_function_to_call(stub: Script) -> None:
+    stub.reply = completion_with({"content": None, "tool_calls": []}, "stop")
+    assert client(max_retries=0).call_tools("Hi", [WEATHER], choice="get_weather") == []
+    assert stub.requests[0]["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_structured_output_sends_the_schema_and_parses_the_reply(stub: Script) -> None:
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    stub.reply = completion_with({"content": '{"age": 42}'})
+    assert client(max_retries=0).structured("How old?", schema) == {"age": 42}
+    assert stub.requests[0]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True},
+    }
+
+
+def test_embeddings_come_back_in_input_order(stub: Script) -> None:
+    stub.reply = {
+        "object": "list", "model": "m", "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        "data": [{"object": "embedding", "index": 1, "embedding": [0.0, 1.0]},
+                 {"object": "embedding", "index": 0, "embedding": [1.0, 0.0]}],
+    }
+    assert client(max_retries=0).embed(["a", "b"]) == [[1.0, 0.0], [0.0, 1.0]]
+    assert stub.paths == ["/v1/embeddings"] and stub.requests[0]["input"] == ["a", "b"]
+
+
+def test_demo_cli_prints_tool_calls_and_json(stub: Script, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tool = tmp_path / "weather.json"
+    tool.write_text(json.dumps({"name": "get_weather", "parameters": {"type": "object"}}))
+    stub.reply = completion_with(
+        {"content": None, "tool_calls": [{"id": "t1", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        "tool_calls",
+    )
+    base = ["--base-url", f"http://127.0.0.1:{PORT}", "--model", "m", "--max-retries", "0"]
+    assert ce.main([*base, "--tool", str(tool), "Weather", "in", "Rome?"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "get_weather", "arguments": {"city": "Rome"}}
+    assert stub.requests[-1]["messages"] == [{"role": "user", "content": "Weather in Rome?"}]
+
+    stub.reply = completion_with({"content": '{"ok": true}'})
+    assert ce.main([*base, "--json-schema", '{"type": "object"}', "Fine?"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ok": True}
+
+    assert ce.main([*base, "--tool", '{"description": "no name"}', "Hi"]) == 1
+    assert "name and parameters" in capsys.readouterr().err

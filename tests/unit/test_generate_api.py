@@ -32,14 +32,6 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 
 @pytest_asyncio.fixture
-async def engine() -> AsyncIterator[FakeEngine]:
-    fake = FakeEngine()
-    await fake.start()
-    yield fake
-    await fake.stop()
-
-
-@pytest_asyncio.fixture
 async def make_wrapper(engine: FakeEngine) -> AsyncIterator[MakeWrapper]:
     """Start a wrapper with the given settings (environment names) in front of the fake engine."""
     async with AsyncExitStack() as stack:

@@ -310,8 +310,8 @@ def test_a_changed_description_or_default_leaves_the_committed_files_stale() -> 
 
 
 def test_a_new_setting_must_be_put_on_the_form_or_left_off_it() -> None:
-    added = _modified_settings(TOOL_CALL_PARSER=(str | None, Field(None, description="Tool-call parser.")))
-    with pytest.raises(listing.ListingError, match="TOOL_CALL_PARSER: put each in FORM .* or in OFF_FORM"):
+    added = _modified_settings(NEW_ENGINE_SETTING=(str | None, Field(None, description="A new setting.")))
+    with pytest.raises(listing.ListingError, match="NEW_ENGINE_SETTING: put each in FORM .* or in OFF_FORM"):
         listing.rendered_files(added)
 
 
