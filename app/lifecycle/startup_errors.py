@@ -72,26 +72,6 @@ def classify_engine_failure(lines: Sequence[str], settings: Settings) -> str | N
     return None
 
 
-def is_memory_shortfall(lines: Sequence[str]) -> bool:
-    """Whether the engine failed for lack of memory, so a start with a smaller footprint may succeed."""
-    text = "\n".join(lines)
-    patterns = (
-        KV_CACHE_TOO_SMALL,
-        NO_KV_CACHE_MEMORY,
-        CPU_KV_CACHE_EXCEEDS_MEMORY,
-        CPU_MEMORY_SHORT,
-        GPU_MEMORY_SHORT,
-        OUT_OF_MEMORY,
-    )
-    return any(pattern.search(text) for pattern in patterns)
-
-
-def estimated_max_model_len(lines: Sequence[str]) -> int | None:
-    """The longest context the engine said would fit in its KV cache, when it said so."""
-    match = ESTIMATED_MAX_LEN.search("\n".join(lines))
-    return int(match[1]) if match else None
-
-
 # --- describers: each returns the sentence for its cause, or None ------------------
 
 
