@@ -16,8 +16,8 @@ graph mode (ENFORCE_EAGER=false) so that the engine compiles; it shows:
 - the compiled graphs written to the volume, in the folder keyed by this
   configuration (vLLM's CPU build cannot load them back: it recompiles);
 - the warm-up: the engine answered a text and an image request before /ping
-  turned 200, and the first image request a client sends after that is not
-  slower than the later ones beyond noise.
+  turned 200 (its own request counter says so), and its time is reported.
+  How much it saves the first client is a speed figure: README, "Cold start".
 """
 
 from __future__ import annotations
@@ -44,12 +44,6 @@ from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_s
 MODEL_ID = "Org/Tiny-Qwen2-VL"
 RUNPOD_FOLDER = "models--org--tiny-qwen2-vl"  # RunPod lower-cases it
 SNAPSHOT = "317b7eb96312eda0c431d1dab1af958a308cb35e"
-TIMED_REQUESTS = 11
-# Noise allowance for the first request: the slowest of the later ones, half again, and 20 ms.
-# Without a warm-up the first image request on this engine took 120-170 ms against 25-50 ms
-# for the next ten (measured on the 2-core test machine), well outside it.
-NOISE_FACTOR = 1.5
-NOISE_FLOOR_S = 0.02
 JSON = {"Content-Type": "application/json"}
 
 
@@ -59,7 +53,6 @@ class ColdStart:
     volume: Path
     snapshot: Path
     engine_requests_at_ready: float  # the engine's own count of finished requests when /ping first said 200
-    image_seconds: list[float]  # the first TIMED_REQUESTS image requests after ready, in order
 
 
 def place_like_runpod(source: Path, hub_cache: Path) -> Path:
@@ -131,16 +124,7 @@ def coldstart(hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         wait_for_ping_200(stack)
         # Before any client request: what the engine has answered so far is the warm-up.
         at_ready = engine_gauge(stack.engine_url, "vllm:request_success_total")
-        seconds = []
-        bodies = [json.dumps(image_request((40 * index % 256, 90, 160))) for index in range(TIMED_REQUESTS)]
-        with httpx.Client(base_url=stack.base_url, timeout=120) as client:
-            client.get("/health")  # the client's own connection, out of the timings
-            for body in bodies:
-                started = time.perf_counter()
-                reply = client.post("/v1/chat/completions", content=body, headers=JSON)
-                seconds.append(time.perf_counter() - started)
-                assert reply.status_code == 200, reply.text
-        yield ColdStart(stack, volume, snapshot, at_ready, seconds)
+        yield ColdStart(stack, volume, snapshot, at_ready)
     finally:
         stack.stop(signal.SIGTERM, timeout_s=60)
         kill_tree(stack.process.pid)
@@ -187,19 +171,5 @@ def test_the_warm_up_ran_before_ready_and_its_time_is_reported(coldstart: ColdSt
     info = httpx.get(f"{coldstart.stack.base_url}/info", timeout=30).json()
     assert health["phase_seconds"]["warmup"] > 0
     assert info["startup"]["warmup"] == health["phase_seconds"]["warmup"]
-
-
-def test_the_first_image_request_after_ready_is_not_slower_than_the_later_ones(coldstart: ColdStart) -> None:
-    """What this proves: a client's first image request after /ping 200 pays no one-time set-up.
-
-    Without the warm-up, this engine's first image request creates its image
-    processor and runs the vision encoder for the first time, and takes several
-    times as long as the next ones (see NOISE_FACTOR). The allowance for noise
-    is taken from the same run: the slowest later request, half again, plus
-    20 ms; a busy machine slows the later requests too and widens it. It says
-    nothing about absolute speed.
-    """
-    first, later = coldstart.image_seconds[0], coldstart.image_seconds[1:]
-    allowance = max(later) * NOISE_FACTOR + NOISE_FLOOR_S
-    timings = ", ".join(f"{seconds * 1000:.0f}" for seconds in coldstart.image_seconds)
-    assert first <= allowance, f"first {first * 1000:.0f} ms > allowance {allowance * 1000:.0f} ms ({timings} ms)"
+    reply = httpx.post(f"{coldstart.stack.base_url}/v1/chat/completions", json=image_request((40, 90, 160)), timeout=120)
+    assert reply.status_code == 200, reply.text
