@@ -23,8 +23,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
-
 from app.auth import header
 from app.config import Settings
 from app.errors import APIError, openai_error_body
@@ -32,6 +30,7 @@ from app.media.service import MediaService
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
 from app.proxy.reply import DONE, Reply, serve_exchange
+from app.proxy.upstream import UpstreamResponse
 from app.proxy.usage import UsageFilter, read_json_usage
 from app.routes import Route, canonical_path
 
@@ -45,12 +44,13 @@ HOP_BY_HOP = frozenset(
         b"expect",
     }
 )
-RESPONSE_SKIP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
+RESPONSE_SKIP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
 
 
 class Relay:
     def __init__(self, settings: Settings, engine: EngineClient, media: MediaService) -> None:
         self._engine = engine
+        self._engine_url = engine.url.encode("latin-1")
         self._media = media
         self._served_model = settings.served_model_name
         self._keepalive_s = settings.SSE_KEEPALIVE_S
@@ -123,20 +123,20 @@ class Relay:
             await reply.start(response.status, headers)
             await reply.finish(payload)
 
-    def _response_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
         headers = []
-        for name, value in response.headers.items():
+        for name, value in response.headers:
             lower = name.lower()
             if lower in RESPONSE_SKIP:
                 continue
-            if lower == "location" and value.startswith(self._engine.url):
+            if lower == b"location" and value.startswith(self._engine_url):
                 # The engine's own address means nothing to a client: make the redirect relative.
-                value = value[len(self._engine.url):] or "/"
-            headers.append((lower.encode("latin-1"), value.encode("latin-1")))
+                value = value[len(self._engine_url):] or b"/"
+            headers.append((lower, value))
         return headers
 
     async def _relay_stream(
-        self, reply: Reply, response: aiohttp.ClientResponse, record: RequestRecord, strip_usage: bool
+        self, reply: Reply, response: UpstreamResponse, record: RequestRecord, strip_usage: bool
     ) -> None:
         content = response.content
         usage = UsageFilter(strip=strip_usage)
@@ -199,11 +199,7 @@ def _query(scope: Scope) -> str:
     return "?" + query.decode("latin-1") if query else ""
 
 
-def _forward_headers(scope: Scope, request_id: str) -> list[tuple[str, str]]:
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in scope["headers"]
-        if name not in HOP_BY_HOP and name != b"x-request-id"
-    ]
-    headers.append(("x-request-id", request_id))
+def _forward_headers(scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
+    headers = [(name, value) for name, value in scope["headers"] if name not in HOP_BY_HOP and name != b"x-request-id"]
+    headers.append((b"x-request-id", request_id.encode("latin-1")))
     return headers
