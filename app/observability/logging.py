@@ -9,27 +9,34 @@ and `message`, plus the record's extra fields.
 Secrets are never passed to a logger; as a second line of defence a filter on
 that handler replaces the values of known secrets (HF_TOKEN, API keys) in
 messages, arguments, extra fields and tracebacks.
+
+The wrapper writes one line per request, so a line must be cheap: the JSON
+formatter is a dict and one `json.dumps` (a second's timestamp prefix is
+formatted once), records skip the caller lookup (no line shows it), and the
+handler writes the lines of one event-loop iteration in one `write` at its
+end rather than one `write` each.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import json
 import logging
 import logging.config
 import re
+import time
 from collections.abc import Iterable
-from typing import Any
-
-from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
+from typing import Any, TextIO
 
 REDACTED = "[REDACTED]"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ENGINE_LOGGER = "engine"
 
-# uvicorn attaches an ANSI-coloured copy of some messages; it is noise in a log store.
-_SKIPPED_EXTRAS = frozenset(RESERVED_ATTRS) | {"color_message", "taskName"}
 # Attributes every LogRecord has; anything else on a record is an extra field.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn attaches an ANSI-coloured copy of some messages; it is noise in a log store.
+_SKIPPED_EXTRAS = _STANDARD_ATTRS | {"color_message", "taskName"}
 
 
 def _writable(line: str) -> str:
@@ -52,11 +59,89 @@ class TextFormatter(logging.Formatter):
         return _writable(f"{line} {extras}" if extras else line)
 
 
-class JsonLineFormatter(JsonFormatter):
-    """python-json-logger's formatter, with lines that can always be written as UTF-8."""
+def _json_value(value: object) -> object:
+    """What json cannot encode by itself: dates as ISO 8601, anything else as its str()."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+class JsonLineFormatter(logging.Formatter):
+    """`timestamp` (ISO 8601, UTC), `level`, `logger`, `message`, then the record's extra fields, in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def timestamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int((created - second) * 1e6):06d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
-        return _writable(super().format(record))
+        fields: dict[str, Any] = {
+            "timestamp": self.timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _SKIPPED_EXTRAS:
+                fields[key] = value
+        if record.exc_info:
+            fields["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            fields["exc_info"] = record.exc_text
+        if record.stack_info:
+            fields["stack_info"] = self.formatStack(record.stack_info)
+        return _writable(json.dumps(fields, ensure_ascii=False, default=_json_value))
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the lines of one event-loop iteration together, at its end.
+
+    Outside an event loop (another thread, before or after the loop) a line is
+    written at once, after any that wait, so lines keep their order.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self._pending.append(line)
+            self.flush()
+            return
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush_from_loop)
+
+    def _flush_from_loop(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._scheduled = False
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._pending:
+                text, self._pending = "".join(self._pending), []
+                try:
+                    self.stream.write(text)
+                except Exception:  # a closed or broken stream: like logging's own handlers, never raise
+                    return
+            super().flush()
 
 
 def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.Formatter:
@@ -70,15 +155,7 @@ def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.
         return TextFormatter(TEXT_FORMAT)
     if log_format != "json":
         raise ValueError(f"LOG_FORMAT={log_format!r} is not supported; use json or text")
-    return JsonLineFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
-        # timestamp=True adds the key last; the default puts it first in each line.
-        defaults={"timestamp": None},
-        timestamp=True,
-        reserved_attrs=sorted(_SKIPPED_EXTRAS),
-        json_ensure_ascii=False,
-    )
+    return JsonLineFormatter()
 
 
 class SecretRedactionFilter(logging.Filter):
@@ -158,7 +235,7 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
         "filters": {"redact_secrets": {"()": f"{__name__}.secret_redaction_filter"}},
         "handlers": {
             "stdout": {
-                "class": "logging.StreamHandler",
+                "class": f"{__name__}.LineHandler",
                 "stream": "ext://sys.stdout",
                 "formatter": "default",
                 "filters": ["redact_secrets"],
@@ -176,9 +253,10 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
 def configure_logging(log_format: str, level: str) -> None:
     """Send every logger of this process to stdout in LOG_FORMAT at LOG_LEVEL; safe to call again."""
     logging.config.dictConfig(uvicorn_log_config(log_format, level))
-    # No line shows the process, thread or multiprocessing name: skip the lookups
-    # (a getpid syscall among them) that every LogRecord would otherwise make.
+    # No line shows the process, thread or multiprocessing name, nor the caller's file and
+    # line: skip the lookups (a getpid syscall, a walk up the stack) every LogRecord would make.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None  # the documented switch for the caller lookup
     # Python warnings become log records too, instead of raw text on stderr.
     logging.captureWarnings(True)
 
