@@ -13,7 +13,8 @@ In order, from the cheapest check to the first costly step:
    slots bound the memory and CPU of bodies, media and generation together;
 5. the body is read up to MAX_REQUEST_BYTES (chunked uploads included) within
    BODY_READ_TIMEOUT_S, so a client that sends a byte every few seconds does
-   not hold a connection and a slot for long.
+   not hold a connection and a slot for long (no deadline is needed for a body
+   the server says has fully arrived: `app.request_progress`).
 
 What the server still reads of a body it refused unread is bounded by the
 server's protocol (`app.serve.GuardedHttpProtocol`). Then the request goes to the engine relay, or to the wrapper's own routes
@@ -32,6 +33,7 @@ from app.errors import APIError
 from app.observability.record import RequestRecord
 from app.proxy.gateway import Gateway
 from app.proxy.reply import send_error
+from app.request_progress import progress_of
 from app.routes import Route, RouteTable
 
 Scope = dict[str, Any]
@@ -84,7 +86,7 @@ class FrontDoor:
             async with self._slot(route, record):
                 body = b""
                 if route.body != "none" and _has_body(scope["headers"]):
-                    body = await self._read_body(receive)
+                    body = await self._read_body(scope, receive)
                 if route.relayed:
                     await self._relay(scope, receive, send, route, body, record)
                 else:
@@ -114,7 +116,10 @@ class FrontDoor:
         async with self._gateway.admit(record):
             yield
 
-    async def _read_body(self, receive: Any) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+        progress = progress_of(scope)
+        if progress is not None and progress.body_complete:
+            return await read_body(receive, self._max_body_bytes)
         try:
             async with asyncio.timeout(self._body_timeout_s):
                 return await read_body(receive, self._max_body_bytes)

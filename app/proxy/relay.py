@@ -32,6 +32,7 @@ from app.proxy.engine import EngineClient
 from app.proxy.reply import DONE, Reply, serve_exchange
 from app.proxy.upstream import UpstreamResponse
 from app.proxy.usage import UsageFilter, read_json_usage
+from app.request_progress import progress_of
 from app.routes import Route, canonical_path
 
 Scope = dict[str, Any]
@@ -63,7 +64,7 @@ class Relay:
             await self._forward(reply, scope, route, prepared, record, client_usage)
 
         try:
-            await serve_exchange(send, receive, record, relay)
+            await serve_exchange(send, receive, record, relay, progress_of(scope))
         finally:
             record.finished = time.perf_counter()
 

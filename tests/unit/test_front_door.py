@@ -365,6 +365,21 @@ async def test_a_client_leaving_a_relayed_stream_aborts_the_engine_request(engin
     assert (line["path"], line["status"], line["error"]) == ("/v1/chat/completions", 499, "client_disconnected")
 
 
+async def test_pipelined_requests_are_answered_in_order(engine: FakeEngine) -> None:
+    """Two requests in one write on one connection: each is relayed and answered, in order."""
+    body = json.dumps(CHAT).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    async with running_wrapper(engine.url) as wrapper:
+        reader, writer = await open_raw(wrapper)
+        writer.write(request + request.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nX-Request-ID: second\r\n"))
+        first, second = await read_response(reader), await read_response(reader)
+        writer.close()
+    assert first[0] == second[0] == 200
+    assert first[1]["x-request-id"] != "second" and second[1]["x-request-id"] == "second"
+    assert len(engine.requests_to("/v1/chat/completions")) == 2
+
+
 async def test_keep_alive_connections_to_the_engine_are_reused(engine: FakeEngine) -> None:
     async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
         for body in (CHAT, {**CHAT, "stream": True}, CHAT):
