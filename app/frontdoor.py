@@ -8,7 +8,7 @@ In order, from the cheapest check to the first costly step:
    and /info take the key unless PUBLIC_METRICS): an unauthenticated client
    never gets a byte of its body read, and unknown paths answer 401 before 404;
 3. a declared `Content-Length` over MAX_REQUEST_BYTES is refused at once;
-4. requests that make the engine work take an engine slot (`Gateway.admit`:
+4. requests that make the engine work take an engine slot (`Gateway.enter`:
    503 while draining, 429/503 when full) before their body is read, so the
    slots bound the memory and CPU of bodies, media and generation together;
 5. the body is read up to MAX_REQUEST_BYTES (chunked uploads included) within
@@ -24,8 +24,6 @@ with the body handed over as it was read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from app.auth import KeyCheck, header
@@ -83,7 +81,10 @@ class FrontDoor:
             scope["state"][CALLER_STATE] = self._authorize(route, scope)
             _check_method(route, scope["method"])
             self._check_declared_size(scope["headers"])
-            async with self._slot(route, record):
+            admitted = route.admitted
+            if admitted:
+                await self._gateway.enter(record)
+            try:
                 body = b""
                 if route.body != "none" and _has_body(scope["headers"]):
                     body = await self._read_body(scope, receive)
@@ -91,6 +92,9 @@ class FrontDoor:
                     await self._relay(scope, receive, send, route, body, record)
                 else:
                     await self.app(scope, _replay(body, receive), send)
+            finally:
+                if admitted:
+                    self._gateway.leave()
         except APIError as error:
             record.error_cause = error.cause
             await send_error(send, error)
@@ -107,14 +111,6 @@ class FrontDoor:
         declared = header(headers, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_body_bytes:
             raise _too_large(self._max_body_bytes)
-
-    @asynccontextmanager
-    async def _slot(self, route: Route, record: RequestRecord) -> AsyncIterator[None]:
-        if not route.admitted:
-            yield
-            return
-        async with self._gateway.admit(record):
-            yield
 
     async def _read_body(self, scope: Scope, receive: Any) -> bytes:
         progress = progress_of(scope)

@@ -27,6 +27,8 @@ import logging.config
 import re
 import time
 from collections.abc import Iterable
+from itertools import islice
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any, TextIO
 
 REDACTED = "[REDACTED]"
@@ -37,6 +39,8 @@ ENGINE_LOGGER = "engine"
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 # uvicorn attaches an ANSI-coloured copy of some messages; it is noise in a log store.
 _SKIPPED_EXTRAS = _STANDARD_ATTRS | {"color_message", "taskName"}
+# A record's own attributes come first in its __dict__, its extra fields after them.
+_OWN_ATTRS = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
 
 
 def _writable(line: str) -> str:
@@ -66,6 +70,18 @@ def _json_value(value: object) -> object:
     return str(value)
 
 
+def _dumps(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, ensure_ascii=False, default=_json_value)
+
+
+# json.dumps(...) above builds this C encoder for every call: built once here (when Python has it).
+if c_make_encoder is not None:
+    _encoder = c_make_encoder(None, _json_value, encode_basestring, None, ": ", ", ", False, False, True)
+
+    def _dumps(fields: dict[str, Any]) -> str:
+        return "".join(_encoder(fields, 0))
+
+
 class JsonLineFormatter(logging.Formatter):
     """`timestamp` (ISO 8601, UTC), `level`, `logger`, `message`, then the record's extra fields, in one line."""
 
@@ -88,7 +104,7 @@ class JsonLineFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
+        for key, value in islice(record.__dict__.items(), _OWN_ATTRS, None):
             if key not in _SKIPPED_EXTRAS:
                 fields[key] = value
         if record.exc_info:
@@ -97,7 +113,8 @@ class JsonLineFormatter(logging.Formatter):
             fields["exc_info"] = record.exc_text
         if record.stack_info:
             fields["stack_info"] = self.formatStack(record.stack_info)
-        return _writable(json.dumps(fields, ensure_ascii=False, default=_json_value))
+        line = _dumps(fields)
+        return line if line.isascii() else _writable(line)
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -115,7 +132,7 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
-        except Exception:
+        except Exception:  # noqa: BLE001 - logging's rule: a handler reports its errors, never raises them
             self.handleError(record)
             return
         loop = asyncio._get_running_loop()
@@ -139,7 +156,7 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 text, self._pending = "".join(self._pending), []
                 try:
                     self.stream.write(text)
-                except Exception:  # a closed or broken stream: like logging's own handlers, never raise
+                except Exception:  # noqa: BLE001 - a closed or broken stream: a handler never raises
                     return
             super().flush()
 

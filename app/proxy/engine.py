@@ -24,8 +24,7 @@ probes, /metrics, /info) use an aiohttp session.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -73,8 +72,7 @@ class EngineClient:
         assert self._session is not None, "EngineClient.start() was not called"
         return self._session
 
-    @asynccontextmanager
-    async def call(
+    def call(
         self,
         method: str,
         path: str,
@@ -82,44 +80,36 @@ class EngineClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | Headers | None = None,
         stream: bool = False,
-    ) -> AsyncIterator[UpstreamResponse]:
-        """One exchange with the engine; every failure inside, reading included, becomes an `APIError`.
+    ) -> Exchange:
+        """One exchange with the engine, as `async with client.call(...) as response:`.
 
-        `path` is already encoded, query string included. With `stream`, the
-        engine may also be silent for at most STREAM_IDLE_TIMEOUT_S at a time.
+        Every failure inside, reading included, becomes an `APIError`. `path`
+        is already encoded, query string included. With `stream`, the engine
+        may also be silent for at most STREAM_IDLE_TIMEOUT_S at a time.
         """
-        if self._aborted:
-            raise self._drain_error()
-        task = asyncio.current_task()
-        assert task is not None
-        self._calls.add(task)
         if isinstance(headers, Mapping):
-            headers = headers.items()
-        response = None
-        try:
-            response = await self._pool.send(method, path, headers or (), body, total_s=self._total_s,
-                                             idle_s=self._idle_s if stream else None)
-            yield response
-        except asyncio.CancelledError:
+            headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        return Exchange(self, method, path, body, headers or (), stream)
+
+    async def _failure(self, error: BaseException, task: asyncio.Task[Any]) -> BaseException:
+        """The error to raise for `error` during an exchange (`error` itself when it is not the engine's)."""
+        if isinstance(error, asyncio.CancelledError):
             if task not in self._drained:
-                raise  # the client left: the caller handles it
+                return error  # the client left: the caller handles it
             task.uncancel()
-            raise self._drain_error() from None
-        except ExchangeTimeout as error:
-            raise self._timeout_error(error.idle) from None
-        except ConnectFailed:
+            return self._drain_error()
+        if isinstance(error, ExchangeTimeout):
+            return self._timeout_error(error.idle)
+        if isinstance(error, ConnectFailed):
             self._readiness.mark_engine_failed()
-            raise await self.unreachable_error() from None
-        except (UpstreamError, OSError):
+            return await self.unreachable_error()
+        if isinstance(error, (UpstreamError, OSError)):
             self._readiness.mark_engine_failed()
-            raise APIError(
+            return APIError(
                 502, "The engine closed the connection before the response was complete; it may have crashed.",
                 code="engine_error", cause="engine_error",
-            ) from None
-        finally:
-            if response is not None:
-                self._pool.release(response)
-            self._calls.discard(task)
+            )
+        return error
 
     def abort_all(self) -> int:
         """The drain deadline: end every open exchange and refuse new ones; returns how many were open.
@@ -190,3 +180,56 @@ class EngineClient:
             "retry on another replica.",
             code="drain_timeout",
         )
+
+
+class Exchange:
+    """`EngineClient.call`'s context: the response inside, its connection released and failures mapped on exit.
+
+    A class rather than a generator-based context manager: it is entered on
+    every relayed request.
+    """
+
+    __slots__ = ("_body", "_client", "_headers", "_method", "_path", "_response", "_stream", "_task")
+
+    def __init__(self, client: EngineClient, method: str, path: str, body: bytes | None, headers: Headers,
+                 stream: bool) -> None:
+        self._client = client
+        self._method = method
+        self._path = path
+        self._body = body
+        self._headers = headers
+        self._stream = stream
+        self._response: UpstreamResponse | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        client = self._client
+        if client._aborted:
+            raise client._drain_error()
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        client._calls.add(task)
+        try:
+            self._response = await client._pool.send(
+                self._method, self._path, self._headers, self._body, total_s=client._total_s,
+                idle_s=client._idle_s if self._stream else None,
+            )
+        except BaseException as error:
+            client._calls.discard(task)
+            mapped = await client._failure(error, task)
+            if mapped is error:
+                raise
+            raise mapped from None
+        return self._response
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> bool:
+        client = self._client
+        assert self._response is not None and self._task is not None
+        client._pool.release(self._response)
+        client._calls.discard(self._task)
+        if error is None:
+            return False
+        mapped = await client._failure(error, self._task)
+        if mapped is error:
+            return False
+        raise mapped from None

@@ -36,7 +36,7 @@ HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 MAX_LINE_BYTES = 256 * 1024
 IDLE_KEEPALIVE_S = 4.0
-Headers = Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]
+Headers = Iterable[tuple[bytes, bytes]]
 
 
 class UpstreamError(Exception):
@@ -411,18 +411,13 @@ class UpstreamPool:
         return connection
 
     def _request(self, method: str, target: str, headers: Headers, body: bytes | None) -> bytes:
-        lines = [b"%s %s%s HTTP/1.1\r\nhost: %s\r\n" % (
-            method.encode("ascii"), self._prefix, target.encode("latin-1"), self._host_header)]
-        for name, value in headers:
-            name_bytes = name.encode("latin-1") if isinstance(name, str) else name
-            value_bytes = value.encode("latin-1") if isinstance(value, str) else value
-            if b"\n" in value_bytes or b"\r" in value_bytes:
-                raise ValueError(f"header {name_bytes!r} has a line break in its value")
-            lines.append(b"%s: %s\r\n" % (name_bytes, value_bytes))
+        lines = [b"%s %s%s HTTP/1.1" % (method.encode("ascii"), self._prefix, target.encode("latin-1")),
+                 b"host: " + self._host_header]
+        lines += [name + b": " + value for name, value in headers]
         if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append(b"content-length: %d\r\n\r\n" % len(body or b""))
-            if body:
-                lines.append(body)
-        else:
-            lines.append(b"\r\n")
-        return b"".join(lines)
+            lines.append(b"content-length: %d" % len(body or b""))
+        head = b"\r\n".join(lines)
+        # One count for all headers: a CR or LF inside a name or value would start a header of its own.
+        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+            raise ValueError("a header name or value has a line break in it")
+        return head + b"\r\n\r\n" + body if body else head + b"\r\n\r\n"
