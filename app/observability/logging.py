@@ -14,7 +14,8 @@ The wrapper writes one line per request, so a line must be cheap: the JSON
 formatter is a dict and one `json.dumps` (a second's timestamp prefix is
 formatted once), records skip the caller lookup (no line shows it), and the
 handler writes the lines of one event-loop iteration in one `write` at its
-end rather than one `write` each.
+end rather than one `write` each. `log_fields`, for the per-request line,
+skips the LogRecord when that handler is the line's only way out.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ class JsonLineFormatter(logging.Formatter):
             self._second = second
         return f"{self._second_text}.{int((created - second) * 1e6):06d}+00:00"
 
+    def format_fields(self, fields: dict[str, Any]) -> str:
+        line = _dumps(fields)
+        return line if line.isascii() else _writable(line)
+
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {
             "timestamp": self.timestamp(record.created),
@@ -113,8 +118,7 @@ class JsonLineFormatter(logging.Formatter):
             fields["exc_info"] = record.exc_text
         if record.stack_info:
             fields["stack_info"] = self.formatStack(record.stack_info)
-        line = _dumps(fields)
-        return line if line.isascii() else _writable(line)
+        return self.format_fields(fields)
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -135,6 +139,10 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # noqa: BLE001 - logging's rule: a handler reports its errors, never raises them
             self.handleError(record)
             return
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        """Queue one formatted line (with its terminator); the caller holds the lock, as `emit`'s does."""
         loop = asyncio._get_running_loop()
         if loop is None:
             self._pending.append(line)
@@ -161,6 +169,62 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
 
 
+def log_fields(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
+    """`logger.log(level, message, extra=fields)`, without a LogRecord when it can do without.
+
+    That is when the line's only way out is one `LineHandler` with the JSON
+    format on the root logger, the configuration `configure_logging` makes,
+    and no logger on the way filters: the line is formatted straight from
+    `fields`, redacted like any other. Anything else (text format, a handler
+    added by a test or a library) gets the record.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _sole_json_handler(logger, level)
+    if handler is None:
+        logger.log(level, message, extra=fields)
+        return
+    line: dict[str, Any] = {
+        "timestamp": handler.formatter.timestamp(time.time()),  # type: ignore[union-attr]
+        "level": logging.getLevelName(level),
+        "logger": logger.name,
+        "message": message,
+    }
+    line.update(fields)
+    if _SECRET_FILTER.active:
+        line = _SECRET_FILTER._redact_value(line)
+    try:
+        text = handler.formatter.format_fields(line) + handler.terminator  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - the record's path reports the error as logging does
+        logger.log(level, message, extra=fields)
+        return
+    with handler.lock:  # type: ignore[union-attr]
+        handler.write_line(text)
+
+
+def _sole_json_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        if current.parent is None or not current.propagate:
+            break
+        if current.handlers:
+            return None
+        current = current.parent
+    if current is None or current.parent is not None or len(current.handlers) != 1:
+        return None
+    handler = current.handlers[0]
+    if (
+        type(handler) is not LineHandler
+        or type(handler.formatter) is not JsonLineFormatter
+        or level < handler.level
+        or any(f is not _SECRET_FILTER for f in handler.filters)
+    ):
+        return None
+    return handler
+
+
 def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.Formatter:
     """The formatter for LOG_FORMAT; a dictConfig factory.
 
@@ -185,6 +249,10 @@ class SecretRedactionFilter(logging.Filter):
     def set_secrets(self, secrets: Iterable[str]) -> None:
         values = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
+
+    @property
+    def active(self) -> bool:
+        return self._pattern is not None
 
     def redact(self, text: str) -> str:
         return text if self._pattern is None else self._pattern.sub(REDACTED, text)

@@ -292,3 +292,23 @@ def test_json_lines_take_any_extra_value(output: Callable[[], list[str]]) -> Non
     (line,) = map(json.loads, output())
     # A lone surrogate cannot be written as UTF-8: the line carries its escape, and reads back as it was.
     assert (line["when"], line["path"], line["text"]) == ("2026-01-02T03:04:05", "/x", "é \ud800")
+
+
+def test_summary_line_is_redacted_and_reaches_added_handlers(output: Callable[[], list[str]]) -> None:
+    configure_logging("json", "INFO")
+    install_secret_redaction([API_KEY])
+
+    log_request(finished_record(path=f"/v1/chat/completions/{API_KEY}"))
+    collected: list[logging.LogRecord] = []
+    extra = logging.Handler()
+    extra.emit = collected.append  # type: ignore[method-assign]
+    logging.getLogger(ACCESS_LOGGER).addHandler(extra)
+    try:
+        log_request(finished_record(status=201))
+    finally:
+        logging.getLogger(ACCESS_LOGGER).removeHandler(extra)
+
+    first, second = map(json.loads, output())
+    assert API_KEY not in json.dumps(first) and first["path"] == f"/v1/chat/completions/{REDACTED}"
+    assert set(first) == set(second) == SUMMARY_FIELDS
+    assert [record.status for record in collected] == [201]  # type: ignore[attr-defined]
