@@ -224,7 +224,7 @@ def evaluate_targets(results: Results) -> list[Outcome]:
             kind = "streaming chunks/s" if scenario == "scale-stream" else "non-streaming requests/s"
             workers = many.removeprefix("wrapper-").removesuffix("w")
             outcomes.append(_ratio_target(
-                results, f"Scale-out: {workers} workers vs 1, {kind}, c=64, both cores",
+                results, f"Scale-out: {workers} workers on {workers} cores vs 1 on one, {kind}, c=64",
                 (scenario, many, c), (scenario, "wrapper-1w", c), metric, 1.0))
     return outcomes
 
@@ -414,7 +414,8 @@ def markdown(results: Results, outcomes: list[Outcome], plots: list[Path]) -> st
     for scenario in ("scale-stream", "scale-nonstream"):
         if results.concurrencies(scenario):
             what = "chunks/s" if scenario == "scale-stream" else "requests/s"
-            out += [f"## Scale-out, unpinned (both cores), {what}", "", *_rate_table(results, scenario, [])]
+            out += [f"## Scale-out: 1 worker pinned to one core, N workers to N cores, {what} (gateway CPU share)",
+                    "", *_rate_table(results, scenario, [])]
     if results.profiles:
         out += ["## Where the wrapper's time goes (py-spy, c=64)", "",
                 ("Samples of the thread holding the GIL, by wall clock: when other processes share the gateway "

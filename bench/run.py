@@ -139,11 +139,11 @@ class Bench:
         return Service(f"passthrough-{kind}", argv, port, self.logs / f"passthrough-{kind}.log",
                        cpus=str(self.plan.gateway_core), cwd=REPO)
 
-    def wrapper(self, name: str, port: int, engine_port: int, *, core: int | None, workers: int = 1,
+    def wrapper(self, name: str, port: int, engine_port: int, *, core: int | str | None, workers: int = 1,
                 model: str = "m", root: Path = REPO) -> Service:
         """The wrapper as deployed: scripts/start.sh in wrapper-only mode, one JSON log line per request.
 
-        `core`: the core it is pinned to, or None to let it run on any.
+        `core`: the core (or taskset list of cores) it is pinned to, or None to let it run on any.
         `root`: the source tree it runs from (another revision's export for `--compare`).
         """
         env = {
@@ -212,12 +212,14 @@ class Bench:
                 decode[label] = (compare_decode.url, compare_decode)
                 servers += [gateways[label], compare_decode]
             if plan.workers:
+                # Each pinned: one worker to the gateway core, N workers to N cores (the gateway core first).
                 scale = {
                     "wrapper-1w": self.wrapper("wrapper-scale-1", WRAPPER_SCALE_ONE_PORT, UPSTREAM_PORT,
-                                               core=None),
+                                               core=core),
                     f"wrapper-{plan.workers}w": self.wrapper(f"wrapper-scale-{plan.workers}",
                                                              WRAPPER_SCALE_MANY_PORT, UPSTREAM_PORT,
-                                                             core=None, workers=plan.workers),
+                                                             core=scale_cores(core, plan.workers),
+                                                             workers=plan.workers),
                 }
                 servers += scale.values()
         with Services() as services:
@@ -239,7 +241,8 @@ class Bench:
                 for name, service in scale.items():
                     cell = Cell(url=service.url, stream=stream, concurrency=SCALE_CONCURRENCY, duration_s=d,
                                 warmup_s=w)
-                    jobs.append(Job("scale-stream" if stream else "scale-nonstream", name, cell, service, False))
+                    jobs.append(Job("scale-stream" if stream else "scale-nonstream", name, cell, service,
+                                    name == "wrapper-1w"))
             self.run_jobs("fake upstream", jobs)
             if plan.profile and with_wrapper:
                 RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -332,7 +335,7 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--engine", action="store_true",
                         help=f"add the real CPU engine cells ({ENGINE_MODEL.relative_to(REPO)}, c=1..32)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="add scale-out cells: the wrapper with WORKERS=N vs WORKERS=1, both unpinned")
+                        help="add scale-out cells: the wrapper with WORKERS=N on N cores vs WORKERS=1 on one")
     parser.add_argument("--httpx", action="store_true", help="add the FastAPI + httpx pass-through for reference")
     parser.add_argument("--compare", metavar="REF", default=None,
                         help="also measure the wrapper as it is at git revision REF (e.g. main), in the same cells")
@@ -373,6 +376,12 @@ def parse_args(argv: list[str] | None) -> Plan:
 
 def nginx_binary() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def scale_cores(first: int, workers: int) -> str:
+    """taskset's list for `workers` cores starting at `first` (wrapping around the machine's cores)."""
+    count = len(os.sched_getaffinity(0))
+    return ",".join(str((first + i) % count) for i in range(min(workers, count)))
 
 
 def router_binary() -> str | None:
