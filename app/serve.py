@@ -10,8 +10,9 @@ stop. A second signal stops at once.
 
 uvicorn runs with a protocol that also bounds the time to receive a
 request's headers (`HEADER_READ_TIMEOUT_S`) and what is read of a body the
-wrapper refused without reading, and that tells the application when a
-client hangs up and when a body is complete (`GuardedHttpProtocol`).
+wrapper refused without reading, that tells the application when a client
+hangs up and when a body is complete, and that sends a response's head with
+its first body bytes (`GuardedHttpProtocol`).
 
 `PORT_HEALTH`, when it differs from `PORT`, is a second listening socket of
 the same app, so `/ping` answers there too.
@@ -78,6 +79,47 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class HeadWithBody:
+    """The transport of one response: its head waits for the body's first bytes, to leave in one write.
+
+    uvicorn writes a response's head at `http.response.start` and its body at
+    `http.response.body`: two writes, two packets, two wake-ups of the client,
+    for a response the relay sends in one go. Here the head waits until the
+    next write or the end of the event-loop iteration, whichever comes first,
+    so a stream's head is not held back until its first token.
+    """
+
+    __slots__ = ("_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = b""  # b"": nothing written yet; None: the head has gone
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is None:
+            self._transport.write(data)
+        elif head:
+            self._head = None
+            self._transport.write(head + data)
+        else:
+            self._head = data
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._head:
+            self._transport.write(self._head)
+        self._head = None
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with two bounds uvicorn lacks, and a `RequestProgress` per request.
 
@@ -100,7 +142,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     Each request's scope carries a `RequestProgress` (app.request_progress)
     that this protocol keeps current: body complete, client gone. Requests
     being served or waiting (pipelined) have theirs in `_progress`, oldest
-    first; a closed connection reaches all of them.
+    first; a closed connection reaches all of them. Each response is written
+    through a `HeadWithBody`.
     """
 
     header_timeout_s = 10.0
@@ -124,6 +167,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope:  # a request to serve, not an upgrade
+            self.cycle.transport = HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
             progress = RequestProgress()
             self.scope["extensions"] = {EXTENSION: progress}
             self._progress.append(progress)

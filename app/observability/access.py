@@ -40,10 +40,13 @@ class Observer:
 
     def __init__(self) -> None:
         self._finished: list[RequestRecord] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, record: RequestRecord) -> None:
         if not self._finished:
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()  # the server's one loop: asked once (a getpid each time)
+            self._loop.call_soon(self.flush)
         self._finished.append(record)
 
     def flush(self) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import logging.config
 import re
+import threading
 import time
 from collections.abc import Iterable
 from itertools import islice
@@ -131,7 +132,9 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._scheduled = False
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -143,19 +146,24 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def write_line(self, line: str) -> None:
         """Queue one formatted line (with its terminator); the caller holds the lock, as `emit`'s does."""
-        loop = asyncio._get_running_loop()
+        loop = self._loop
+        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():
+            # Another thread, or no loop known yet: ask (Python 3.11 makes a getpid syscall for it).
+            loop = asyncio._get_running_loop()
+            if loop is not None:
+                self._loop, self._loop_thread = loop, threading.get_ident()
         if loop is None:
             self._pending.append(line)
             self.flush()
             return
         self._pending.append(line)
-        if not self._scheduled:
-            self._scheduled = True
+        if self._flush_on is not loop:  # not yet scheduled on this loop (or on one that has since closed)
+            self._flush_on = loop
             loop.call_soon(self._flush_from_loop)
 
     def _flush_from_loop(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._scheduled = False
+            self._flush_on = None
             self.flush()
 
     def flush(self) -> None:

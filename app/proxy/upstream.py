@@ -344,6 +344,7 @@ class UpstreamPool:
         self._host_header = parts.netloc.rpartition("@")[2].encode("idna")
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def send(
         self, method: str, target: str, headers: Headers, body: bytes | None, *, total_s: float,
@@ -354,7 +355,9 @@ class UpstreamPool:
         `target`: the encoded path and query. The caller must `release` the
         response, also when it fails: that returns or closes its connection.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()  # one pool, one loop: asked once (a getpid each time)
         connection = await self._connection(loop)
         response = UpstreamResponse(connection, loop, head_only=method == "HEAD")
         connection.response = response
@@ -375,7 +378,7 @@ class UpstreamPool:
         connection = response._connection
         connection.response = None
         if response._reusable and response.at_eof() and not connection.closed:
-            connection.idle_since = asyncio.get_running_loop().time()
+            connection.idle_since = response._loop.time()
             self._idle.append(connection)
         else:
             connection.close()

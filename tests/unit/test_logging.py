@@ -312,3 +312,31 @@ def test_summary_line_is_redacted_and_reaches_added_handlers(output: Callable[[]
     assert API_KEY not in json.dumps(first) and first["path"] == f"/v1/chat/completions/{REDACTED}"
     assert set(first) == set(second) == SUMMARY_FIELDS
     assert [record.status for record in collected] == [201]  # type: ignore[attr-defined]
+
+
+def test_a_line_left_when_a_loop_closed_goes_out_with_the_next_loop() -> None:
+    stream = Writes()
+    handler = LineHandler(stream)
+    handler.setFormatter(build_formatter("json"))
+    logger = logging.getLogger("app.test.loops")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    async def log(message: str) -> None:
+        logger.warning(message)
+
+    def log_and_stop() -> None:
+        logger.warning("first")
+        loop.stop()  # the loop ends with this iteration, before the one that would write "first"
+
+    try:
+        loop = asyncio.new_event_loop()
+        loop.call_soon(log_and_stop)
+        loop.run_forever()
+        loop.close()
+        assert stream.calls == []
+        asyncio.run(log("second"))
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert [json.loads(line)["message"] for call in stream.calls for line in call.splitlines()] == ["first", "second"]
