@@ -111,18 +111,19 @@ class Relay:
                 await reply.start(response.status, headers)
                 await self._relay_stream(reply, response, record, strip_usage=not client_usage)
                 return
-            payload = await response.read()
-            record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
+            payload = answer = await response.read()
             if response.status >= 400:
                 record.error_cause = "engine_error" if response.status >= 500 else "client_error"
                 reshaped = openai_error_body(response.status, payload)
                 if reshaped is not None:
-                    payload = reshaped
+                    answer = reshaped
                     headers = [item for item in headers if item[0] != b"content-type"]
                     headers.append((b"content-type", b"application/json"))
-            headers.append((b"content-length", str(len(payload)).encode()))
+            headers.append((b"content-length", str(len(answer)).encode()))
             await reply.start(response.status, headers)
-            await reply.finish(payload)
+            await reply.finish(answer)
+            # The client has its answer (the write happened above): the counting is off its path.
+            record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
 
     def _response_headers(self, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
         headers = []
