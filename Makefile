@@ -6,9 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 # `make run` passes the environment through, like the container would receive it.
-# With no MODEL_NAME it serves SmolLM2-135M-Instruct, converted offline by `make models`.
-export MODEL_NAME ?= $(CURDIR)/.models/smollm2-135m-instruct
-export ENFORCE_EAGER ?= true
+# With no MODEL_NAME it serves SmolLM2-135M-Instruct, converted offline by `make models`, under
+# the Hub id it was converted from, with its folder name as an alias. These defaults are the
+# run target's only: the tests set what each stack needs.
+ifeq ($(origin MODEL_NAME),undefined)
+run: export MODEL_NAME := $(CURDIR)/.models/smollm2-135m-instruct
+run: export SERVED_MODEL_NAME ?= HuggingFaceTB/SmolLM2-135M-Instruct,smollm2-135m-instruct
+endif
+run: export ENFORCE_EAGER ?= true
 
 .PHONY: run test setup system models bench clean
 

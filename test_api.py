@@ -4,9 +4,13 @@
     python test_api.py http://localhost:8000 [--api-key KEY] [--json report.json]
 
 Runs every check, prints one row per check and exits 1 if any failed:
-health, info, models, text, streaming, image by URL, image as base64,
-video, error shapes and metrics. Modalities the model lacks (read from
-/info) are skipped, and each skip says why.
+health, info, models, text, streaming, tool calling, structured output, the
+Responses and Messages APIs, image by URL, image as base64, video,
+embeddings, rerank, transcription, error shapes and metrics. What the
+deployment does not serve is skipped, and each skip says why: the modalities
+come from /info `modalities`, the endpoints from /info `capabilities` (a
+deployment that does not report them is taken for a chat model without a
+tool-call parser).
 
 The test media are made in memory: a PNG with Pillow and, when PyAV is
 installed, a short H.264 MP4. "Image by URL" serves the PNG from a tiny HTTP
@@ -25,9 +29,12 @@ import base64
 import io
 import ipaddress
 import json
+import math
+import struct
 import sys
 import threading
 import time
+import wave
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -40,6 +47,29 @@ from PIL import Image
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 ERROR_FIELDS = {"message", "type", "param", "code"}
+# What a deployment that does not report /info `capabilities` is taken to serve.
+CHAT_MODEL = {
+    "generation": True,
+    "tool_calling": None,
+    "endpoints": ["/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"],
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+# A scalar at the top: any model, even a random one, finishes it within a few tokens (between an
+# object's fields JSON allows whitespace, which a weak model can repeat until max_tokens).
+VERDICT_SCHEMA = {"type": "string", "enum": ["yes", "no"]}
 
 
 @dataclass
@@ -132,6 +162,21 @@ def error_shape_problem(response: httpx.Response) -> str | None:
     return None
 
 
+def sample_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """A 440 Hz tone as 16-bit mono WAV."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(
+            b"".join(
+                struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate))) for i in range(int(seconds * rate))
+            )
+        )
+    return buffer.getvalue()
+
+
 def parse_sse(lines: Iterator[str]) -> tuple[list[dict[str, Any]], bool]:
     """The JSON events of an SSE stream, and whether it ended with `data: [DONE]`."""
     events: list[dict[str, Any]] = []
@@ -169,9 +214,16 @@ class ApiChecks:
             ("models", self.models),
             ("text", self.text),
             ("streaming", self.streaming),
+            ("tool calling", self.tool_calling),
+            ("structured output", self.structured_output),
+            ("responses API", self.responses_api),
+            ("messages API", self.messages_api),
             ("image by URL", self.image_by_url),
             ("image as base64", self.image_base64),
             ("video", self.video),
+            ("embeddings", self.embeddings),
+            ("rerank", self.rerank),
+            ("transcription", self.transcription),
             ("error shapes", self.error_shapes),
             ("metrics", self.metrics),
         ]
@@ -196,7 +248,12 @@ class ApiChecks:
         require(isinstance(info["modalities"], list), "/info 'modalities' is not a list")
         self.info = info
         self.model = self.model or info["served_model_name"]
-        return f"{info['served_model_name']}, {'+'.join(info['modalities'])}, max_model_len {info['max_model_len']}"
+        capabilities = info.get("capabilities") or {}
+        kinds = [kind for kind in ("generation", "embedding", "scoring", "transcription") if capabilities.get(kind)]
+        served = f", serves {'+'.join(kinds)}" if kinds else ""
+        return (
+            f"{info['served_model_name']}, {'+'.join(info['modalities'])}, max_model_len {info['max_model_len']}{served}"
+        )
 
     def models(self) -> str:
         response = self.http.get("/v1/models")
@@ -209,6 +266,7 @@ class ApiChecks:
         return ", ".join(ids)
 
     def text(self) -> str:
+        self._require_endpoint("/v1/chat/completions", "chat")
         body = self._chat([{"role": "user", "content": "Say hello."}])
         choice = body["choices"][0]
         require(choice["message"]["role"] == "assistant", f"role is {choice['message']['role']!r}")
@@ -218,6 +276,7 @@ class ApiChecks:
         return f"{body['usage']['completion_tokens']} tokens, finish_reason {choice['finish_reason']}"
 
     def streaming(self) -> str:
+        self._require_endpoint("/v1/chat/completions", "chat")
         request = self._request([{"role": "user", "content": "Count to ten."}], stream=True)
         with self.http.stream("POST", "/v1/chat/completions", json=request) as response:
             if response.status_code != 200:
@@ -233,6 +292,62 @@ class ApiChecks:
         require(bool(pieces), "no content arrived in the stream")
         require(len(finishes) == 1, f"expected one finish_reason, got {finishes}")
         return f"{len(events)} events, {len(pieces)} with content, then [DONE]"
+
+    def tool_calling(self) -> str:
+        self._require_endpoint("/v1/chat/completions", "chat")
+        if not self._capabilities().get("tool_calling"):
+            raise Skipped("deployment advertises no tool calling (set TOOL_CALL_PARSER)")
+        request = {
+            **self._request([{"role": "user", "content": "What is the weather in Paris?"}]),
+            "max_tokens": 64,
+            "tools": [WEATHER_TOOL],
+            "tool_choice": "required",
+        }
+        body = self._post_json("/v1/chat/completions", request)
+        calls = body["choices"][0]["message"].get("tool_calls") or []
+        require(bool(calls), f"no tool call in {json.dumps(body['choices'][0]['message'])[:200]}")
+        call = calls[0]["function"]
+        require(call["name"] == "get_weather", f"called {call['name']!r}, expected 'get_weather'")
+        arguments = json.loads(call["arguments"])
+        require(isinstance(arguments, dict) and isinstance(arguments.get("city"), str), f"arguments {arguments!r}")
+        return f"get_weather({call['arguments']})"
+
+    def structured_output(self) -> str:
+        self._require_endpoint("/v1/chat/completions", "chat")
+        request = {
+            **self._request([{"role": "user", "content": "Is water wet? Answer yes or no."}]),
+            "max_tokens": 64,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA}},
+        }
+        content = self._post_json("/v1/chat/completions", request)["choices"][0]["message"]["content"]
+        try:
+            reply = json.loads(content)
+        except (TypeError, ValueError):
+            raise CheckFailed(f"the reply is not JSON: {str(content)[:120]!r}") from None
+        require(reply in VERDICT_SCHEMA["enum"], f"{reply!r} does not match the schema {VERDICT_SCHEMA}")
+        return f"JSON matching the schema: {content.strip()}"
+
+    def responses_api(self) -> str:
+        self._require_endpoint("/v1/responses", "the Responses API")
+        body = self._post_json(
+            "/v1/responses", {"model": self.model, "input": "Say hello.", "max_output_tokens": 16, "temperature": 0}
+        )
+        texts = [
+            part.get("text") for item in body.get("output", []) if item.get("type") == "message"
+            for part in item.get("content", []) if part.get("type") == "output_text"
+        ]
+        require(bool(texts), f"no output_text in {json.dumps(body)[:200]}")
+        return f"{body['usage']['output_tokens']} output tokens, status {body.get('status')}"
+
+    def messages_api(self) -> str:
+        self._require_endpoint("/v1/messages", "the Anthropic Messages API")
+        body = self._post_json(
+            "/v1/messages",
+            {"model": self.model, "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello."}]},
+        )
+        require(body.get("type") == "message", f"type is {body.get('type')!r}, expected 'message'")
+        require(any(block.get("type") == "text" for block in body.get("content", [])), "no text block")
+        return f"{body['usage']['output_tokens']} output tokens, stop_reason {body.get('stop_reason')}"
 
     def image_by_url(self) -> str:
         self._require_modality("image")
@@ -259,6 +374,38 @@ class ApiChecks:
         url = "data:video/mp4;base64," + base64.b64encode(sample_mp4()).decode("ascii")
         response = self._post_chat(self._media_message({"type": "video_url", "video_url": {"url": url}}))
         return self._media_reply(response, "MP4 as data: URL")
+
+    def embeddings(self) -> str:
+        self._require_endpoint("/v1/embeddings", "embeddings")
+        body = self._post_json("/v1/embeddings", {"model": self.model, "input": ["first text", "second text"]})
+        vectors = [item["embedding"] for item in sorted(body["data"], key=lambda item: item["index"])]
+        require(len(vectors) == 2, f"{len(vectors)} vectors for 2 inputs")
+        require(len(vectors[0]) == len(vectors[1]) > 0, "vectors of different or zero length")
+        return f"2 vectors of {len(vectors[0])} dimensions, {body['usage']['prompt_tokens']} tokens"
+
+    def rerank(self) -> str:
+        self._require_endpoint("/v1/rerank", "rerank")
+        documents = ["Paris is the capital of France.", "The quick brown fox.", "Bananas are yellow."]
+        body = self._post_json(
+            "/v1/rerank", {"model": self.model, "query": "What is the capital of France?", "documents": documents}
+        )
+        results = body["results"]
+        require(sorted(r["index"] for r in results) == [0, 1, 2], f"indices {[r['index'] for r in results]}")
+        scores = [r["relevance_score"] for r in results]
+        require(scores == sorted(scores, reverse=True), f"results not ordered by score: {scores}")
+        return f"order {[r['index'] for r in results]}"
+
+    def transcription(self) -> str:
+        self._require_endpoint("/v1/audio/transcriptions", "speech-to-text")
+        response = self.http.post(
+            "/v1/audio/transcriptions",
+            data={"model": self.model, "language": "en", "response_format": "json"},
+            files={"file": ("tone.wav", sample_wav(), "audio/wav")},
+        )
+        require(response.status_code == 200, f"answered {response.status_code}: {response.text[:200]}")
+        text = response.json().get("text")
+        require(isinstance(text, str), f"no text in {response.text[:200]}")
+        return f"{len(text)} characters for a 1 s tone"
 
     def error_shapes(self) -> str:
         checked = []
@@ -301,6 +448,20 @@ class ApiChecks:
         return f"{len(engine)} engine and {len(wrapper)} wrapper metric families"
 
     # --- helpers --------------------------------------------------------------------
+
+    def _capabilities(self) -> dict[str, Any]:
+        if self.info is None:
+            raise Skipped("endpoints unknown: /info failed")
+        return self.info.get("capabilities") or CHAT_MODEL
+
+    def _require_endpoint(self, path: str, what: str) -> None:
+        if path not in self._capabilities()["endpoints"]:
+            raise Skipped(f"the model does not serve {what} ({path} is not among its endpoints)")
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(path, json=body)
+        require(response.status_code == 200, f"{path} answered {response.status_code}: {response.text[:200]}")
+        return response.json()
 
     def _require_modality(self, modality: str) -> None:
         if self.info is None:

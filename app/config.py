@@ -25,6 +25,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.cpus import auto_workers
 
 RUNPOD_VOLUME = Path("/runpod-volume")
+# A MODEL_NAME starting like this is a path even where the directory is not mounted (a split gateway).
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 MiB = 1024 * 1024
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -53,7 +55,11 @@ class Settings(BaseSettings):
         None, description="Branch, tag or commit of MODEL_NAME to serve (default: main)."
     )
     SERVED_MODEL_NAME: str | None = Field(
-        None, description="Model name clients send in `model` (default: MODEL_NAME)."
+        None,
+        description=(
+            "Model name clients send in `model`; comma-separated names are all accepted and the first is reported "
+            "(default: a local directory's folder name, a Hub snapshot's Hub id, else MODEL_NAME)."
+        ),
     )
     HF_TOKEN: SecretStr | None = Field(
         None, description="Hugging Face token for gated or private models. Never logged."
@@ -73,8 +79,8 @@ class Settings(BaseSettings):
         "auto", description="Engine device: auto picks cuda when an NVIDIA GPU is visible, else cpu."
     )
     VLLM_PORT: int = Field(8001, ge=1, le=65535, description="Internal port of the engine (bound to 127.0.0.1).")
-    MAX_MODEL_LEN: int | None = Field(
-        None, ge=16, description="Context length in tokens (default: the model's own)."
+    MAX_MODEL_LEN: int | Literal["auto"] | None = Field(
+        None, description="Context length in tokens, or auto: the longest the KV cache holds (default: the model's own)."
     )
     GPU_MEMORY_UTIL: float = Field(
         0.90, gt=0.0, le=1.0, description="Fraction of GPU memory the engine may use."
@@ -92,6 +98,7 @@ class Settings(BaseSettings):
     )
     IMAGE_LIMIT: int = Field(4, ge=0, description="Images allowed per request (0: no images).")
     VIDEO_LIMIT: int = Field(1, ge=0, description="Videos allowed per request (0: no video).")
+    AUDIO_LIMIT: int = Field(1, ge=0, description="Audio clips allowed per request, for models that take audio (0: none).")
     DTYPE: Dtype = Field("auto", description="Weight and activation dtype.")
     QUANTIZATION: str | None = Field(None, description="Quantization method, e.g. awq, gptq, fp8.")
     TRUST_REMOTE_CODE: bool = Field(False, description="Allow model repositories to run their own code.")
@@ -117,6 +124,41 @@ class Settings(BaseSettings):
     )
     ENGINE_URL: str | None = Field(
         None, description="Front an engine that runs elsewhere (e.g. http://vllm:8001); no engine is started."
+    )
+
+    # --- Engine features: tools, reasoning, pooling, decoding ---------------
+    # Passed to the engine as they are; the engine's own parser checks them at start (flag_check).
+    ENABLE_AUTO_TOOL_CHOICE: bool = Field(
+        False, description="Let the model decide to call tools (tool_choice auto); needs TOOL_CALL_PARSER."
+    )
+    TOOL_CALL_PARSER: str | None = Field(
+        None, description="Parser of the model's tool calls, e.g. hermes, llama3_json, mistral; enables tool_choice required and named."
+    )
+    REASONING_PARSER: str | None = Field(
+        None, description="Parser that splits reasoning from the answer, e.g. deepseek_r1, qwen3."
+    )
+    CHAT_TEMPLATE: str | None = Field(
+        None, description="Chat template: a file path or the Jinja text itself (default: the model's own)."
+    )
+    SPECULATIVE_CONFIG: str | None = Field(
+        None, description='Speculative decoding as JSON, e.g. {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}.'
+    )
+    KV_CACHE_DTYPE: str | None = Field(None, description="KV cache dtype, e.g. fp8 (default: the model's dtype).")
+    GENERATION_CONFIG: str | None = Field(
+        None, description="Sampling defaults: auto (the model's generation_config.json), vllm (the engine's), or a folder."
+    )
+    LOAD_FORMAT: str | None = Field(None, description="Weights format, e.g. safetensors, gguf, bitsandbytes (default: auto).")
+    RUNNER: Literal["auto", "generate", "pooling", "draft"] = Field(
+        "auto", description="Model runner: pooling serves embeddings, scores and rerank; auto decides by architecture."
+    )
+    CONVERT: Literal["auto", "none", "embed", "classify"] = Field(
+        "auto", description="Adapt a generative model for pooling: embed (embeddings) or classify (scores)."
+    )
+    MM_ENCODER_TP_MODE: Literal["data", "weights"] = Field(
+        "data", description="With TENSOR_PARALLEL_SIZE>1, run the vision encoder data-parallel (data) or sharded (weights)."
+    )
+    MM_PROCESSOR_CACHE_GB: float | None = Field(
+        None, ge=0, description="Cache of processed images and video in GiB, per engine process (0: off; default: the engine's)."
     )
 
     # --- Wrapper ---------------------------------------------------------
@@ -207,8 +249,10 @@ class Settings(BaseSettings):
 
     @field_validator(
         "MODEL_REVISION", "SERVED_MODEL_NAME", "QUANTIZATION", "ENGINE_URL",
-        "MAX_MODEL_LEN", "MAX_NUM_SEQS", "MAX_BATCHED_TOKENS", "PORT_HEALTH",
+        "MAX_NUM_SEQS", "MAX_BATCHED_TOKENS", "PORT_HEALTH",
         "DISTRIBUTED_EXECUTOR_BACKEND", "HF_TOKEN", "API_KEY", "CONVERSATIONS_DB_URL",
+        "TOOL_CALL_PARSER", "REASONING_PARSER", "CHAT_TEMPLATE", "SPECULATIVE_CONFIG", "KV_CACHE_DTYPE",
+        "GENERATION_CONFIG", "LOAD_FORMAT", "MM_PROCESSOR_CACHE_GB",
         mode="before",
     )
     @classmethod
@@ -250,6 +294,22 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is already a route of this server ({taken.label}); pick a free path")
         return value
 
+    @field_validator("MAX_MODEL_LEN", mode="before")
+    @classmethod
+    def _length_or_auto(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            if value.strip().lower() == "auto":
+                return "auto"
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError("must be a number of tokens (16 or more) or auto") from None
+        if isinstance(value, int) and value < 16:
+            raise ValueError("must be a number of tokens (16 or more) or auto")
+        return value
+
     @model_validator(mode="after")
     def _check_model(self) -> Settings:
         if not self.MODEL_NAME.strip():
@@ -257,9 +317,21 @@ class Settings(BaseSettings):
         return self
 
     # --- Derived values ---------------------------------------------------
+    @cached_property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name the engine accepts in `model`; the first is the one it reports.
+
+        SERVED_MODEL_NAME when set, else the name a person would type for MODEL_NAME. An
+        engine behind ENGINE_URL names the model on its own command line, which deployments
+        build from MODEL_NAME as it is.
+        """
+        if self.SERVED_MODEL_NAME:
+            return tuple(dict.fromkeys(split_csv(self.SERVED_MODEL_NAME)))
+        return (self.MODEL_NAME,) if self.ENGINE_URL else model_aliases(self.MODEL_NAME)
+
     @property
     def served_model_name(self) -> str:
-        return self.SERVED_MODEL_NAME or self.MODEL_NAME
+        return self.served_model_names[0]
 
     @property
     def is_local_model(self) -> bool:
@@ -315,6 +387,19 @@ class Settings(BaseSettings):
         return out
 
 
+def model_aliases(model_name: str) -> tuple[str, ...]:
+    """The name a person would type for MODEL_NAME: a Hub id as it is, a local directory by its folder name.
+
+    A snapshot in a Hugging Face cache (`.../models--org--name/snapshots/<commit>`) is named by its Hub id.
+    """
+    if not (model_name.startswith(LOCAL_PATH_PREFIXES) or Path(model_name).is_dir()):
+        return (model_name,)
+    path = Path(os.path.abspath(Path(model_name).expanduser()))  # no symlink resolution: the name the user mounted
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return (path.parent.parent.name.removeprefix("models--").replace("--", "/"),)
+    return (path.name or model_name,)
+
+
 def split_csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -346,7 +431,11 @@ def _describe(exc: ValidationError, values: dict[str, str]) -> str:
     lines = []
     for error in exc.errors():
         name = str(error["loc"][0]).upper() if error["loc"] else "configuration"
-        secret = name in {"HF_TOKEN", "API_KEY", "CONVERSATIONS_DB_URL"}
+        secret = name in SECRET_SETTINGS
         shown = "" if secret or name not in values else f"={values[name]!r}"
         lines.append(f"Invalid setting {name}{shown}: {error['msg']}")
     return "; ".join(lines)
+
+
+# Settings whose values are secrets: never shown in errors, /info or logs, never passed on.
+SECRET_SETTINGS = frozenset(name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation))

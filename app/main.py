@@ -143,6 +143,8 @@ def _operations_router(services: Services) -> APIRouter:
             "model": settings.MODEL_NAME,
             "revision": status.resolved_revision if status else None,
             "served_model_name": settings.served_model_name,
+            "served_model_names": list(settings.served_model_names),
+            "capabilities": services.capabilities().to_json(),
             "max_model_len": engine.get("max_model_len"),
             "modalities": modalities,
             "media_limits": {name: limit for name, limit in limits.items() if name in modalities},

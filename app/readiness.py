@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
+from app.config import Settings
 from app.lifecycle.status import Phase, StartupStatus, read_status
 
 ENGINE_UNAVAILABLE = "engine_unavailable"
@@ -59,6 +60,15 @@ class Readiness:
 
     def lifecycle(self) -> StartupStatus | None:
         return read_status(self.status_file) if self.status_file else None
+
+    def model_dir(self, settings: Settings) -> Path | None:
+        """The served model's directory, once known, when this container runs the engine."""
+        if settings.ENGINE_URL:
+            return None
+        status = self.lifecycle()
+        if status and status.model_path:
+            return Path(status.model_path)
+        return Path(settings.MODEL_NAME) if settings.is_local_model else None
 
     async def engine_healthy(self) -> bool:
         if time.monotonic() - self._checked_at < ENGINE_CHECK_TTL_S:

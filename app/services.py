@@ -10,10 +10,11 @@ to the front door and the routes. Nothing is looked up in `app.state`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.auth import KeyCheck
+from app.capabilities import Capabilities, model_capabilities
 from app.config import Settings
 from app.generate.store import ConversationStore, build_store
 from app.media.service import MediaService
@@ -37,6 +38,7 @@ class Services:
     media: MediaService
     relay: Relay
     store: ConversationStore | None
+    _capabilities: Capabilities | None = field(default=None, init=False)
 
     @classmethod
     def build(cls, settings: Settings, status_file: Path | None = None) -> Services:
@@ -70,6 +72,16 @@ class Services:
             await self.store.close()
         await self.media.close()
         await self.engine.close()
+
+    def capabilities(self) -> Capabilities:
+        """What the served model answers; final once its directory is known."""
+        if self._capabilities is not None:
+            return self._capabilities
+        model_dir = self.readiness.model_dir(self.settings)
+        capabilities = model_capabilities(self.settings, model_dir)
+        if model_dir is not None or self.settings.ENGINE_URL:
+            self._capabilities = capabilities
+        return capabilities
 
     async def drain(self) -> None:
         """Let admitted requests finish (DRAIN_TIMEOUT_S), then end the rest with an error."""

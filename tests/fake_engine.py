@@ -47,6 +47,7 @@ class FakeEngine:
     fail_mid_stream: bool = False  # an error event after the first pieces, like vLLM's
     cut_mid_stream: bool = False  # the connection dropped after the first pieces, like a crash
     stall_after_first: bool = False  # the first piece, then silence
+    drop_requests: int = 0  # this many requests get no answer: the connection closes, as a stale keep-alive one does
     received: list[Received] = field(default_factory=list)
     usage_sent: list[dict[str, int]] = field(default_factory=list)
     aborted: int = 0  # streams the wrapper dropped before the end
@@ -73,6 +74,7 @@ class FakeEngine:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/messages", self._anthropic_stream)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/v1/audio/transcriptions", self._transcription)
         app.router.add_get("/v1/responses/{id}", self._redirect_response)
@@ -133,6 +135,21 @@ class FakeEngine:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
+    async def _anthropic_stream(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic Messages, streamed: its usage sits in message_start and message_delta."""
+        await self._record(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for kind, data in (
+            ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 7, "output_tokens": 1}}}),
+            ("content_block_delta", {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hi"}}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 2}}),
+            ("message_stop", {"type": "message_stop"}),
+        ):
+            await response.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+        return response
+
     async def _transcription(self, request: web.Request) -> web.Response:
         received = await self._record(request)
         return web.json_response({"text": f"{len(received.body)} bytes of {received.headers['Content-Type']}"})
@@ -146,6 +163,11 @@ class FakeEngine:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = (await self._record(request)).json()
+        if self.drop_requests > 0:
+            self.drop_requests -= 1
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()  # never sent: the connection is gone
         chat = request.path == "/v1/chat/completions"
         prompt_text = json.dumps(payload.get("messages") or payload.get("prompt"))
         if "REFUSE" in prompt_text:

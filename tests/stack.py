@@ -19,6 +19,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from app.config import Settings
+
+SETTING_NAMES = frozenset(Settings.model_fields)
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("TEST_MODELS_DIR", ROOT / ".models"))
 START_SH = ROOT / "scripts" / "start.sh"
@@ -134,7 +138,9 @@ def start_stack(
     wait: bool = True,
 ) -> Stack:
     """Start `scripts/start.sh` for `model`; with `wait`, return once /health is 200."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("VLLM_", "MODEL_"))}
+    # The caller's own settings (a developer's shell, `make`) never leak into a stack: it gets exactly
+    # what the test asks for.
+    env = {key: value for key, value in os.environ.items() if not _is_setting(key)}
     env.update(CPU_ENGINE_ENV)
     env.update({"MODEL_NAME": str(model), "PORT": str(port), "VLLM_PORT": str(vllm_port), "HOST": "127.0.0.1"})
     # One wrapper process unless a test asks for more: WORKERS=auto would follow the machine's cores.
@@ -153,6 +159,10 @@ def start_stack(
             kill_tree(process.pid)
             raise
     return stack
+
+
+def _is_setting(name: str) -> bool:
+    return name.upper() in SETTING_NAMES or name.startswith(("VLLM_", "MODEL_"))
 
 
 def model_dir(name: str) -> Path:

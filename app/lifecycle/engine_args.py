@@ -37,11 +37,32 @@ VALUE_FLAGS = {
     "--max-num-batched-tokens": "MAX_BATCHED_TOKENS",
     "--distributed-executor-backend": "DISTRIBUTED_EXECUTOR_BACKEND",
     "--quantization": "QUANTIZATION",
+    "--tool-call-parser": "TOOL_CALL_PARSER",
+    "--reasoning-parser": "REASONING_PARSER",
+    "--chat-template": "CHAT_TEMPLATE",
+    "--speculative-config": "SPECULATIVE_CONFIG",
+    "--kv-cache-dtype": "KV_CACHE_DTYPE",
+    "--generation-config": "GENERATION_CONFIG",
+    "--load-format": "LOAD_FORMAT",
+    "--runner": "RUNNER",
+    "--convert": "CONVERT",
+    "--mm-processor-cache-gb": "MM_PROCESSOR_CACHE_GB",
 }
+# Engine switches that a boolean setting turns on.
+SWITCH_FLAGS = {
+    "--trust-remote-code": "TRUST_REMOTE_CODE",
+    "--enforce-eager": "ENFORCE_EAGER",
+    "--enable-auto-tool-choice": "ENABLE_AUTO_TOOL_CHOICE",
+}
+MEDIA_LIMITS = {"image": "IMAGE_LIMIT", "video": "VIDEO_LIMIT", "audio": "AUDIO_LIMIT"}
 # The setting behind every flag the image passes, for error messages.
 SETTING_OF_FLAG = {
     **VALUE_FLAGS,
-    "--limit-mm-per-prompt": "IMAGE_LIMIT or VIDEO_LIMIT",
+    **SWITCH_FLAGS,
+    "--enable-chunked-prefill": "ENABLE_CHUNKED_PREFILL",
+    "--no-enable-chunked-prefill": "ENABLE_CHUNKED_PREFILL",
+    "--limit-mm-per-prompt": "IMAGE_LIMIT, VIDEO_LIMIT or AUDIO_LIMIT",
+    "--mm-encoder-tp-mode": "MM_ENCODER_TP_MODE",
     "--max-loras": "MAX_LORAS",
     "--max-lora-rank": "MAX_LORA_RANK",
     "--lora-modules": "LORA_MODULES",
@@ -52,7 +73,8 @@ SETTING_OF_FLAG = {
 # Secrets that are no setting: the Hub token's older name, the PostgreSQL password the
 # conversation store's driver reads, and vLLM's own API key (with it the engine answers
 # the wrapper's requests with 401).
-WITHHELD_VARIABLES = frozenset({"HUGGING_FACE_HUB_TOKEN", "PGPASSWORD", "VLLM_API_KEY"})
+# RUNPOD_API_KEY: the key RunPod gives pods for its own API, which the engine has no use for.
+WITHHELD_VARIABLES = frozenset({"HUGGING_FACE_HUB_TOKEN", "PGPASSWORD", "VLLM_API_KEY", "RUNPOD_API_KEY"})
 # Settings whose variable the engine's libraries read as well.
 SETTINGS_THE_ENGINE_READS = frozenset({"HF_HOME"})
 
@@ -87,7 +109,7 @@ def build_engine_args(
     """vLLM OpenAI server flags for these settings (without the program name)."""
     args = [
         "--model", str(model_path),
-        "--served-model-name", settings.served_model_name,
+        "--served-model-name", *settings.served_model_names,
         "--host", "127.0.0.1",
         "--port", str(settings.VLLM_PORT),
         "--enable-chunked-prefill" if settings.ENABLE_CHUNKED_PREFILL else "--no-enable-chunked-prefill",
@@ -99,9 +121,7 @@ def build_engine_args(
             args += [flag, str(value)]
 
     media_limits = {
-        modality: limit
-        for modality, limit in (("image", settings.IMAGE_LIMIT), ("video", settings.VIDEO_LIMIT))
-        if modality in modalities
+        modality: getattr(settings, setting) for modality, setting in MEDIA_LIMITS.items() if modality in modalities
     }
     if media_limits:
         args += ["--limit-mm-per-prompt", json.dumps(media_limits, separators=(",", ":"))]
@@ -109,10 +129,9 @@ def build_engine_args(
     # is told to fetch nothing, whatever the model (modality detection can be wrong).
     args += ["--allowed-media-domains", ENGINE_MEDIA_DOMAIN]
 
-    if settings.TRUST_REMOTE_CODE:
-        args.append("--trust-remote-code")
-    if settings.ENFORCE_EAGER:
-        args.append("--enforce-eager")
+    if modalities & {"image", "video"}:
+        args += ["--mm-encoder-tp-mode", settings.MM_ENCODER_TP_MODE]
+    args += [flag for flag, name in SWITCH_FLAGS.items() if getattr(settings, name)]
     if lora_paths:
         args += ["--enable-lora", "--max-loras", str(settings.MAX_LORAS), "--max-lora-rank", str(settings.MAX_LORA_RANK)]
         args += ["--lora-modules", *(f"{name}={path}" for name, path in lora_paths.items())]

@@ -44,10 +44,12 @@ def prepare_model(
     settings: Settings,
     on_phase: Callable[[Phase], None],
     on_progress: Callable[[DownloadProgress], None],
+    before_download: Callable[[], None] = lambda: None,
 ) -> PreparedModel:
     """Local paths for the model and adapters; raises StartupError with the fix on fatal problems.
 
-    on_phase gets PREFLIGHT and DOWNLOADING only when something has to be fetched.
+    on_phase gets PREFLIGHT and DOWNLOADING only when something has to be fetched; before_download
+    is called between the Hub's listing and the first file (it may raise StartupError to stop there).
     """
     model = _locate(settings.MODEL_NAME, settings.MODEL_REVISION, "MODEL_NAME", f"MODEL_NAME '{settings.MODEL_NAME}'")
     adapters = {
@@ -62,7 +64,7 @@ def prepare_model(
             snapshots[repo] = cached
     missing = [repo for repo in hub_repos if repo not in snapshots]
     if missing:
-        snapshots.update(_fetch(missing, settings, on_phase, on_progress))
+        snapshots.update(_fetch(missing, settings, on_phase, on_progress, before_download))
 
     def local_path(source: HubRepo | Path) -> Path:
         return snapshots[source].path if isinstance(source, HubRepo) else source
@@ -98,6 +100,7 @@ def _fetch(
     settings: Settings,
     on_phase: Callable[[Phase], None],
     on_progress: Callable[[DownloadProgress], None],
+    before_download: Callable[[], None],
 ) -> dict[HubRepo, Snapshot]:
     token = settings.HF_TOKEN.get_secret_value() if settings.HF_TOKEN else None
     endpoint = hub_endpoint()
@@ -112,6 +115,7 @@ def _fetch(
                 extra={"repo": repo.repo_id, "reason": str(exc)},
             )
             listings[repo] = None
+    before_download()
     on_phase(Phase.DOWNLOADING)
     complete = [listing or list_with_retries(repo, token, endpoint) for repo, listing in listings.items()]
     snapshots = download_snapshots(

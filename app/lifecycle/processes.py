@@ -36,7 +36,8 @@ EXIT_POLL_S = 0.1
 OUTPUT_DRAIN_S = 2.0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In the child before exec: its own process group, and SIGTERM when the parent dies."""
     os.setsid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -66,7 +67,7 @@ class ChildProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=output,
             stderr=asyncio.subprocess.STDOUT if self.capture_output else None,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         log.info("process started", extra={"child": self.name, "pid": self.process.pid})
         if self.capture_output:

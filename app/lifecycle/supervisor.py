@@ -2,8 +2,9 @@
 
 `scripts/start.sh` execs this module. It starts the wrapper first, so the
 public port answers probes within about a second, then walks the lifecycle
-(preflight, download, engine load) while publishing each phase in the status
-file the wrapper serves. From then on it supervises:
+(preflight: the engine's command line checked against the pinned vLLM,
+then the Hub; download; engine load) while publishing each phase in the
+status file the wrapper serves. From then on it supervises:
 
 - the wrapper exits → the engine is stopped and the container exits non-zero;
 - the engine dies, or stops answering its health check for
@@ -37,7 +38,8 @@ from pathlib import Path
 import aiohttp
 
 from app.config import ConfigError, Settings, load_settings
-from app.lifecycle.engine_args import build_engine_args, build_engine_launch
+from app.lifecycle.engine_args import build_engine_args, build_engine_launch, engine_env, resolve_device
+from app.lifecycle.flag_check import EngineFacts, check_argv, check_engine_flags, check_environment, spot_refusal
 from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
@@ -95,6 +97,7 @@ class Supervisor:
         self.engine: ChildProcess | None = None
         self.stopping = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
+        self.flag_check: asyncio.Future[str | None] | None = None
 
     # --- main loop ----------------------------------------------------------
     async def run(self) -> int:
@@ -132,6 +135,9 @@ class Supervisor:
         self.stopping.set()
 
     async def _shutdown(self, code: int, drain: bool) -> int:
+        if self.flag_check is not None and not self.flag_check.done():
+            self.flag_check.cancel()  # kills the check's child process, which must be reaped before the loop ends
+            await asyncio.gather(self.flag_check, return_exceptions=True)
         # stop() sends one SIGTERM: the wrappers drain; a second signal would cut the drain short.
         wrapper_timeout = self.settings.DRAIN_TIMEOUT_S + WRAPPER_STOP_MARGIN_S
         stopping = [asyncio.ensure_future(w.stop(wrapper_timeout)) for w in self.wrappers]
@@ -166,6 +172,11 @@ class Supervisor:
             await self._wait_until_healthy(None, timeout_s=None)
             self.board.enter(Phase.READY)
             return await self._forever()
+        if (sentence := self._spot_check_engine_flags()) is not None:
+            return await self._startup_failed(sentence)
+        # The full check runs while the Hub is asked for the listing or a local model loads; the download
+        # and the engine's readiness wait for its verdict.
+        self.flag_check = asyncio.ensure_future(self._check_engine_flags())
         try:
             prepared = await self._prepare_model()
         except StartupError as error:
@@ -182,6 +193,9 @@ class Supervisor:
             self.engine = ChildProcess("engine", launch.argv, launch.env, capture_output=True)
             await self.engine.start()
             outcome = await self._wait_until_healthy(self.engine, settings.ENGINE_STARTUP_TIMEOUT_S)
+            if (refusal := await self._flag_verdict()) is not None:
+                await self.engine.stop(ENGINE_STOP_TIMEOUT_S)
+                return await self._startup_failed(refusal)
             if outcome == "ready":
                 self.board.enter(Phase.READY)
                 log.info("ready", extra={"phase_seconds": self.board.status.to_json()["phase_seconds"]})
@@ -248,13 +262,45 @@ class Supervisor:
             f"(ENGINE_HEALTH_TIMEOUT_S={limit_s:g}) and was killed."
         )
 
+    def _spot_check_engine_flags(self) -> str | None:
+        """Milliseconds, before any Hub request: the flags against the recorded facts of the pinned vLLM."""
+        facts = EngineFacts.load()
+        if facts is None:
+            log.warning("no recorded engine flags for the installed vLLM; only the full check judges the flags")
+            return None
+        return spot_refusal(check_argv(self.settings), self.settings, facts)
+
+    async def _check_engine_flags(self) -> str | None:
+        """vLLM's own parser judges the engine's command line (in a child process, for seconds)."""
+        self.board.enter(Phase.PREFLIGHT)
+        started = time.monotonic()
+        try:
+            engine = engine_env(self.settings, resolve_device(self.settings.DEVICE))
+            sentence = await check_engine_flags(check_environment(engine, os.environ))
+        except OSError as error:  # the child could not be started: the engine judges its flags itself
+            log.warning("engine flag check could not start", extra={"error": str(error)})
+            return None
+        log.info("engine flags checked", extra={"seconds": round(time.monotonic() - started, 2), "refused": sentence is not None})
+        return sentence
+
+    async def _flag_verdict(self) -> str | None:
+        """The flag check's refusal, once it has finished; None when it accepted the command line."""
+        assert self.flag_check is not None
+        return await asyncio.shield(self.flag_check)
+
     async def _prepare_model(self) -> PreparedModel:
         """Runs the blocking download in a daemon thread, so a stop never waits for it."""
         future: Future[PreparedModel] = Future()
+        loop = asyncio.get_running_loop()
+
+        def before_download() -> None:
+            """A wrong engine setting must cost no download."""
+            if (refusal := asyncio.run_coroutine_threadsafe(self._flag_verdict(), loop).result()) is not None:
+                raise StartupError(refusal)
 
         def work() -> None:
             try:
-                future.set_result(prepare_model(self.settings, self.board.enter, self.board.progress))
+                future.set_result(prepare_model(self.settings, self.board.enter, self.board.progress, before_download))
             except BaseException as error:  # handed to the event loop below
                 future.set_exception(error)
 
@@ -270,6 +316,8 @@ class Supervisor:
             if engine is not None and engine.process is not None and engine.process.returncode is not None:
                 await engine.wait()
                 return describe_exit(engine.process.returncode)
+            if self.flag_check is not None and self.flag_check.done() and self.flag_check.result() is not None:
+                return "refused by the flag check"
             try:
                 async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:

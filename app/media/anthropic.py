@@ -50,7 +50,7 @@ def _visit_message(message: dict[str, Any], path: str, walk: Walk) -> None:
         walk.text += 1
     elif isinstance(content, list):
         for j, block in enumerate(content):
-            if isinstance(block, dict) and block.get("type") in BLOCK_TYPES:
+            if isinstance(block, dict) and isinstance(block.get("type"), str) and block["type"] in BLOCK_TYPES:
                 _visit_block(block, message.get("role"), f"{path}.content[{j}]", walk)
 
 

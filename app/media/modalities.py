@@ -1,11 +1,13 @@
-"""What kinds of input the served model takes: text, images, video.
+"""What kinds of input the served model takes: text, images, video, audio.
 
 The wrapper refuses an image sent to a text-only model with a clear 400
 before the engine sees it; the engine's own answer is an opaque error. The
 model directory tells: a vision tower in config.json (`vision_config`, image
 token ids) or an image processor means images; video token ids, a video
 processor or a known video-capable family (Qwen2-VL, Qwen2.5-VL, ...) means
-video. Only the small JSON files are read, never weights.
+video; an audio tower (`audio_config`, audio token ids) or an audio feature
+extractor (one with a `sampling_rate`, like Whisper's) means audio. Only the
+small JSON files are read, never weights.
 
 When the directory is unknown (a remote engine behind ENGINE_URL) or carries
 no config the wrapper can read, every modality is reported and the
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 TEXT_ONLY = frozenset({"text"})
-ALL_MODALITIES = frozenset({"text", "image", "video"})
+ALL_MODALITIES = frozenset({"text", "image", "video", "audio"})
 
 IMAGE_CONFIG_KEYS = frozenset({"vision_config", "image_token_id", "image_token_index", "mm_vision_tower"})
 VIDEO_CONFIG_KEYS = frozenset({"video_token_id", "video_token_index"})
+AUDIO_CONFIG_KEYS = frozenset({"audio_config", "audio_token_id", "audio_token_index"})
 
 # Families whose processors take video although their config.json may not say so.
 VIDEO_MODEL_TYPES = frozenset(
@@ -69,11 +72,18 @@ def detect_modalities(model_dir: Path | None) -> frozenset[str]:
         or (model_dir / "video_preprocessor_config.json").is_file()
         or (config or {}).get("model_type") in VIDEO_MODEL_TYPES
     )
+    audio = (
+        bool(config_keys & AUDIO_CONFIG_KEYS)
+        or "sampling_rate" in (processor.get("feature_extractor") or {})
+        or "sampling_rate" in preprocessor
+    )
     modalities = {"text"}
     if image:
         modalities.add("image")
     if video:
         modalities.add("video")
+    if audio:
+        modalities.add("audio")
     return frozenset(modalities)
 
 

@@ -18,10 +18,15 @@ same rules, so no part the engine reads as media is skipped here:
 - precomputed embeddings (`image_embeds`, `audio_embeds`, `video_embeds`,
   `prompt_embeds`), `image_pil` and Responses `input_file` / `file_id` are
   refused: the wrapper cannot check them;
-- an unknown part type is refused (the engine would refuse it too).
+- an unknown part type is refused (the engine would refuse it too);
+- what is neither text nor a part (a content object instead of a list, a
+  list inside the list of parts, a part whose `type` is not a string) is
+  left to the fail-closed scan, which refuses it when it holds media.
 
 Parts are counted as text or media; a message is read only through its
-`content` (the engine reads nothing else of a message as media).
+`content` (the engine reads nothing else of a message as media). An object
+without a string `role` is no message to the engine: its content is read
+all the same, and the fail-closed scan looks at the rest of it.
 """
 
 from __future__ import annotations
@@ -78,8 +83,27 @@ def visit_message(message: dict[str, Any], path: str, walk: Walk) -> None:
     if isinstance(content, str):
         walk.text += 1
     elif isinstance(content, list):
+        found = len(walk.media)
         visit_parts(content, f"{path}.content", walk)
-    walk.vouch(message)
+        role = message.get("role")
+        if len(walk.media) > found and role in TEXT_ROLES:
+            first = walk.media[found].path
+            raise APIError(
+                400, f"{first}: images and videos go in user messages, not in a {role} message.", param=first
+            )
+    elif isinstance(content, dict):
+        walk.leave(content, f"{path}.content")  # not a form the engine takes: the scan refuses media in it
+    if isinstance(message.get("role"), str):
+        walk.vouch(message)  # the engine reads nothing else of a message as media
+    elif isinstance(content, list):
+        walk.vouch(content)  # without a role it is no message to the engine: the scan looks at the rest
+
+
+# Roles whose messages carry no media, as in OpenAI's API: chat templates
+# render their content as text. vLLM 0.32 answers an image in a developer
+# message of Qwen2-VL with a 500, and its multimodal cache then fails the next
+# request with that image too.
+TEXT_ROLES = frozenset({"system", "developer"})
 
 
 def visit_parts(parts: list[Any], path: str, walk: Walk) -> None:
@@ -88,6 +112,8 @@ def visit_parts(parts: list[Any], path: str, walk: Walk) -> None:
             walk.text += 1
         elif isinstance(part, dict):
             visit_part(part, f"{path}[{j}]", walk)
+        elif isinstance(part, list):
+            walk.leave(part, f"{path}[{j}]")  # parts are not nested: the scan refuses media in it
 
 
 def visit_part(part: dict[str, Any], path: str, walk: Walk) -> None:
@@ -98,6 +124,8 @@ def visit_part(part: dict[str, Any], path: str, walk: Walk) -> None:
         key = next((key for key in KEYS_IN_ENGINE_ORDER if key in part), None)
         if key is not None:
             _visit_keyed(part, key, path, walk)
+    else:
+        walk.leave(part, path)  # a type that is not a string: the scan refuses the part if it holds media
 
 
 def _visit_typed(part: dict[str, Any], part_type: str, path: str, walk: Walk) -> None:

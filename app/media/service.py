@@ -53,10 +53,4 @@ class MediaService:
         return frozenset(kind for kind in policy.modalities if kind == "text" or policy.accepts(kind))  # type: ignore[arg-type]
 
     def _model_dir(self) -> Path | None:
-        """The local model directory, when this container runs the engine."""
-        if self._settings.ENGINE_URL:
-            return None
-        status = self._readiness.lifecycle()
-        if status and status.model_path:
-            return Path(status.model_path)
-        return Path(self._settings.MODEL_NAME) if self._settings.is_local_model else None
+        return self._readiness.model_dir(self._settings)

@@ -8,7 +8,9 @@ such as `image_url`, `input_audio`, `file_data` or `prompt_embeds`) is
 refused with a 400 naming its path. So a field the walkers do not know (a
 new engine field, a media part in an item type nobody checks) can never
 carry media to the engine unchecked; a route with no media fields (e.g.
-/detokenize) gets this scan alone.
+/detokenize) gets this scan alone. The same goes for what a walker left
+unread inside a container it vouched for (`Walk.leave`), such as a message
+whose content is a part object instead of a list of parts.
 
 Top-level fields that hold schemas and settings, never media (`tools`,
 `response_format`, `metadata`, ...), are not scanned: a tool whose JSON
@@ -48,6 +50,7 @@ def refuse_unchecked_media(payload: dict[str, Any], walk: Walk, hint: str) -> No
     stack: list[tuple[Any, Path]] = [
         (value, (None, key)) for key, value in payload.items() if key not in SCHEMA_FIELDS and _container(value)
     ]
+    stack.extend((container, (None, path)) for container, path in walk.unread)
     while stack:
         value, path = stack.pop()
         if walk.vouched(value):

@@ -8,8 +8,9 @@ fail-closed scan (`app.media.unchecked`). The fields:
   one conversation or (batch) a list of them; /tokenize's `prompt` is text;
 - Responses: `input`, a string or a list of items: messages (their content
   parts), and `function_call_output` / `custom_tool_call_output` items,
-  whose `output` list the engine turns into a tool message's content parts;
-  reasoning and tool-call items carry text only;
+  whose `output` list the engine turns into a tool message's content parts
+  (by the item's type, even when the item also has a `role`); reasoning and
+  tool-call items carry text only;
 - completions (`/v1/completions`, `/render`): `prompt` is text or token ids;
   `prompt_embeds` (tensors the engine would load) is refused;
 - pooling (`/v1/embeddings`, `/pooling`, `/classify`): `messages` (one or
@@ -53,14 +54,19 @@ def walk_responses(payload: dict[str, Any], walk: Walk) -> None:
         if not isinstance(item, dict):
             continue
         path = f"input[{i}]"
-        if "role" in item:
-            visit_message(item, path, walk)
-        elif item.get("type") in TOOL_OUTPUT_ITEMS:
+        item_type = item.get("type") if isinstance(item.get("type"), str) else None
+        if item_type in TOOL_OUTPUT_ITEMS:
+            # The engine reads a tool output's `output` by the item's type, whatever else it has (a role too).
             output = item.get("output")
             if isinstance(output, list):
                 visit_parts(output, f"{path}.output", walk)
-            walk.vouch(item)
-        elif item.get("type") in TEXT_ITEMS:
+                walk.vouch(output)
+        if "role" in item:
+            if item.get("content") == []:
+                # vLLM 0.32 fails such an item with a 500 (an IndexError in its converter).
+                raise APIError(400, f"{path}.content is empty; a message needs content.", param=f"{path}.content")
+            visit_message(item, path, walk)
+        elif item_type in TEXT_ITEMS:
             walk.vouch(item)
 
 
@@ -113,15 +119,15 @@ def walk_nothing(payload: dict[str, Any], walk: Walk) -> None:
 
 
 def _token_ids_or_strings(value: Any) -> bool:
-    """A prompt list of token ids, token-id lists or strings: thousands of items the scan need not visit.
+    """A prompt list of token ids, token-id lists or strings only: thousands of items the scan need not visit.
 
-    The engine's models take such a list only when every item has the first one's type, so a
-    list that starts like this can carry no media to the engine.
+    A list with anything else in it (media after a first string) is left to the scan.
     """
     if not isinstance(value, list) or not value:
         return False
-    first = value[0]
-    return isinstance(first, (int, str)) or (isinstance(first, list) and bool(first) and isinstance(first[0], int))
+    if all(isinstance(item, int) for item in value) or all(isinstance(item, str) for item in value):
+        return True
+    return all(isinstance(ids, list) and all(isinstance(token, int) for token in ids) for ids in value)
 
 
 def _visit_score_input(value: dict[str, Any], path: str, walk: Walk) -> None:

@@ -32,7 +32,9 @@ import aiohttp
 from app.config import Settings
 from app.errors import APIError, unavailable
 from app.lifecycle.status import Phase
-from app.proxy.upstream import ConnectFailed, ExchangeTimeout, Headers, UpstreamError, UpstreamPool, UpstreamResponse
+from app.proxy.upstream import (
+    ConnectFailed, ConnectionClosed, ExchangeTimeout, Headers, UpstreamError, UpstreamPool, UpstreamResponse,
+)
 from app.readiness import Readiness
 
 FACTS_TIMEOUT_S = 2.0
@@ -210,10 +212,7 @@ class Exchange:
         assert task is not None
         client._calls.add(task)
         try:
-            self._response = await client._pool.send(
-                self._method, self._path, self._headers, self._body, total_s=client._total_s,
-                idle_s=client._idle_s if self._stream else None,
-            )
+            self._response = await self._send()
         except BaseException as error:
             client._calls.discard(task)
             mapped = await client._failure(error, task)
@@ -221,6 +220,26 @@ class Exchange:
                 raise
             raise mapped from None
         return self._response
+
+    async def _send(self) -> UpstreamResponse:
+        """Send the request; once more on a new connection when the engine closed the first before answering.
+
+        The engine closes idle keep-alive connections after a few seconds, and
+        one it closed can still be taken from the pool before the close is
+        seen: the request then fails before it reached the engine. A second
+        failure is the engine's.
+        """
+        client = self._client
+        idle_s = client._idle_s if self._stream else None
+        try:
+            return await client._pool.send(
+                self._method, self._path, self._headers, self._body, total_s=client._total_s, idle_s=idle_s
+            )
+        except ConnectionClosed:
+            return await client._pool.send(
+                self._method, self._path, self._headers, self._body, total_s=client._total_s, idle_s=idle_s,
+                fresh=True,
+            )
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> bool:
         client = self._client

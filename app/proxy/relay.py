@@ -54,14 +54,15 @@ class Relay:
         self._engine_url = engine.url.encode("latin-1")
         self._media = media
         self._served_model = settings.served_model_name
+        self._served_names = frozenset(settings.served_model_names)
         self._keepalive_s = settings.SSE_KEEPALIVE_S
 
     async def __call__(
         self, scope: Scope, receive: Any, send: Any, route: Route, body: bytes, record: RequestRecord
     ) -> None:
         async def relay(reply: Reply) -> None:
-            prepared, client_usage = await self._prepare(scope, route, body, record)
-            await self._forward(reply, scope, route, prepared, record, client_usage)
+            prepared, strip_usage = await self._prepare(scope, route, body, record)
+            await self._forward(reply, scope, prepared, record, strip_usage)
 
         try:
             await serve_exchange(send, receive, record, relay, progress_of(scope))
@@ -69,7 +70,7 @@ class Relay:
             record.finished = time.perf_counter()
 
     async def _prepare(self, scope: Scope, route: Route, body: bytes, record: RequestRecord) -> tuple[bytes, bool]:
-        """Check the body; returns (body to send, client_wants_usage)."""
+        """Check the body; returns (body to send, whether to strip the usage block the wrapper asked for)."""
         record.model = self._served_model
         if route.body == "multipart":
             content_type = header(scope["headers"], b"content-type") or b""
@@ -84,22 +85,22 @@ class Relay:
         payload = parse_json_object(body)
         model = payload.get("model")
         if isinstance(model, str):
-            record.model = model
+            # Every name the model is served under counts as the one it reports.
+            record.model = self._served_model if model in self._served_names else model
         counts = await self._media.prepare(route.label, payload)
         record.text_parts, record.images, record.videos = counts.text, counts.image, counts.video
         changed = counts.changed
-        client_usage = False
-        if payload.get("stream") is True and route.label in GENERATION_PATHS:
+        strip_usage = False
+        if payload.get("stream") is True:
             record.stream = True
-            client_usage, asked = usage_options(payload.get("stream_options"))
-            if asked is not None:
-                payload["stream_options"] = asked
-                changed = True
-        return (encode_json(payload) if changed else body), client_usage
+            if route.label in GENERATION_PATHS:
+                asked = usage_options(payload.get("stream_options"))
+                if asked is not None:  # the wrapper asks for the usage block: it takes it out again
+                    payload["stream_options"] = asked
+                    changed = strip_usage = True
+        return (encode_json(payload) if changed else body), strip_usage
 
-    async def _forward(
-        self, reply: Reply, scope: Scope, route: Route, body: bytes, record: RequestRecord, client_usage: bool
-    ) -> None:
+    async def _forward(self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool) -> None:
         path = canonical_path(scope["raw_path"].decode("latin-1")) + _query(scope)
         async with self._engine.call(
             scope["method"], path, body=body or None, headers=_forward_headers(scope, record.request_id),
@@ -109,7 +110,7 @@ class Relay:
             headers = self._response_headers(response)
             if response.content_type == "text/event-stream":
                 await reply.start(response.status, headers)
-                await self._relay_stream(reply, response, record, strip_usage=not client_usage)
+                await self._relay_stream(reply, response, record, strip_usage)
                 return
             payload = answer = await response.read()
             if response.status >= 400:
@@ -173,8 +174,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def usage_options(options: object) -> tuple[bool, dict[str, Any] | None]:
-    """(client asked for usage, the stream_options to send instead, or None to send them as they are).
+def usage_options(options: object) -> dict[str, Any] | None:
+    """The stream_options to send instead of the client's, or None to send them as they are.
 
     The wrapper needs the engine's usage block to count tokens. When the client
     did not ask for it, it is asked for, without per-chunk usage
@@ -182,10 +183,10 @@ def usage_options(options: object) -> tuple[bool, dict[str, Any] | None]:
     would not have received it), and `UsageFilter` removes it again.
     """
     if options is not None and not isinstance(options, dict):
-        return False, None  # the engine refuses it with its own 400
+        return None  # the engine refuses it with its own 400
     if isinstance(options, dict) and options.get("include_usage") is True:
-        return True, None
-    return False, {**(options or {}), "include_usage": True, "continuous_usage_stats": False}
+        return None  # the client asked for it: its stream carries it
+    return {**(options or {}), "include_usage": True, "continuous_usage_stats": False}
 
 
 def encode_json(payload: dict[str, Any]) -> bytes:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import httptools
@@ -36,7 +36,7 @@ HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 MAX_LINE_BYTES = 256 * 1024
 IDLE_KEEPALIVE_S = 4.0
-Headers = Iterable[tuple[bytes, bytes]]
+Headers = Sequence[tuple[bytes, bytes]]
 
 
 class UpstreamError(Exception):
@@ -49,6 +49,10 @@ class ConnectFailed(UpstreamError):
 
 class ConnectionBroken(UpstreamError):
     """The engine closed or reset the connection, or sent what is not HTTP, before the response was complete."""
+
+
+class ConnectionClosed(ConnectionBroken):
+    """The engine closed or reset the connection before the response was complete."""
 
 
 class ExchangeTimeout(UpstreamError):
@@ -247,7 +251,7 @@ class UpstreamResponse:
         if self.status and self._close_delimited:
             self._on_complete(keep_alive=False)  # the body ends with the connection
         else:
-            self._fail(ConnectionBroken("the engine closed the connection before the response was complete"))
+            self._fail(ConnectionClosed("the engine closed the connection before the response was complete"))
 
 
 class _Connection(asyncio.Protocol):
@@ -348,17 +352,18 @@ class UpstreamPool:
 
     async def send(
         self, method: str, target: str, headers: Headers, body: bytes | None, *, total_s: float,
-        idle_s: float | None = None,
+        idle_s: float | None = None, fresh: bool = False,
     ) -> UpstreamResponse:
         """Send one request and wait for the response's status and headers.
 
-        `target`: the encoded path and query. The caller must `release` the
-        response, also when it fails: that returns or closes its connection.
+        `target`: the encoded path and query; `fresh`: on a new connection,
+        not an idle one. The caller must `release` the response once it has
+        it: that returns or closes its connection (a failure here releases it).
         """
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()  # one pool, one loop: asked once (a getpid each time)
-        connection = await self._connection(loop)
+        connection = await self._connection(loop, fresh)
         response = UpstreamResponse(connection, loop, head_only=method == "HEAD")
         connection.response = response
         response._arm(total_s, idle_s)
@@ -373,11 +378,15 @@ class UpstreamPool:
         return response
 
     def release(self, response: UpstreamResponse) -> None:
-        """The exchange is over: keep its connection for the next if it ended cleanly, else close it."""
+        """The exchange is over: keep its connection for the next if it ended cleanly, else close it.
+
+        A connection that carried a 5xx is closed too: an engine may drop it
+        right after a failure, and the next request would then be lost on it.
+        """
         response._disarm()
         connection = response._connection
         connection.response = None
-        if response._reusable and response.at_eof() and not connection.closed:
+        if response._reusable and response.status < 500 and response.at_eof() and not connection.closed:
             connection.idle_since = response._loop.time()
             self._idle.append(connection)
         else:
@@ -396,9 +405,9 @@ class UpstreamPool:
         if connection in self._idle:
             self._idle.remove(connection)
 
-    async def _connection(self, loop: asyncio.AbstractEventLoop) -> _Connection:
+    async def _connection(self, loop: asyncio.AbstractEventLoop, fresh: bool) -> _Connection:
         idle = self._idle
-        while idle:
+        while idle and not fresh:
             connection = idle.pop()
             if not connection.closed and loop.time() - connection.idle_since < IDLE_KEEPALIVE_S:
                 return connection

@@ -64,22 +64,43 @@ class UsageFilter:
             if not line.startswith(b"data:"):
                 continue
             try:
-                usage = json.loads(line[5:]).get("usage")
-            except (ValueError, AttributeError):
+                data = json.loads(line[5:])
+            except ValueError:
                 return False
-            if not isinstance(usage, dict):
+            usage = _usage_of(data)
+            if usage is None:
                 return False
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
-            return True
+            prompt, completion = _token_counts(usage)
+            self.prompt_tokens = prompt if prompt is not None else self.prompt_tokens
+            self.completion_tokens = completion if completion is not None else self.completion_tokens
+            # Only a chat or completions usage event is the wrapper's to strip.
+            return isinstance(data.get("usage"), dict)
         return False
 
 
-def read_json_usage(body: bytes) -> tuple[int | None, int | None]:
-    """(prompt_tokens, completion_tokens) of a non-streaming JSON reply.
+def _usage_of(data: object) -> dict[str, object] | None:
+    """The usage block of an event: top level (chat, completions, Anthropic's message_delta), or in the
+    response of a Responses event, or in the message of Anthropic's message_start."""
+    if not isinstance(data, dict):
+        return None
+    for holder in (data, data.get("response"), data.get("message")):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            return holder["usage"]
+    return None
 
-    OpenAI-shaped replies end with their usage object: it is parsed alone, from
-    the last `"usage":` on; the whole body only when that is not an object.
+
+def _token_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens, under OpenAI's names or those of Responses and Anthropic Messages."""
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    return (prompt if isinstance(prompt, int) else None), (completion if isinstance(completion, int) else None)
+
+
+def read_json_usage(body: bytes) -> tuple[int | None, int | None]:
+    """(prompt_tokens, completion_tokens) of a JSON reply (embeddings and score replies have prompt tokens only).
+
+    Replies end with their usage object: it is parsed alone, from the last
+    `"usage":` on; the whole body only when that is not an object.
     """
     start = body.rfind(USAGE_KEY)
     if start < 0:
@@ -91,9 +112,9 @@ def read_json_usage(body: bytes) -> tuple[int | None, int | None]:
         except (ValueError, UnicodeDecodeError):
             usage = None
         if isinstance(usage, dict):
-            return usage.get("prompt_tokens"), usage.get("completion_tokens")
+            return _token_counts(usage)
     try:
-        usage = json.loads(body).get("usage") or {}
-    except (ValueError, AttributeError):
+        usage = _usage_of(json.loads(body))
+    except ValueError:
         return None, None
-    return usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (None, None) if usage is None else _token_counts(usage)

@@ -15,44 +15,16 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 import client_example as ce
+from tests.e2e.clients import MEDIA_PORT, ROOT, run_test_api, skipped, statuses
 from tests.e2e.conftest import TEXT_MODEL, VLM_MODEL
-from tests.stack import Stack
+from tests.stack import Stack, port
 
-ROOT = Path(__file__).resolve().parents[2]
-STUB_PORT = 8760
-MEDIA_PORT = 8761
-
-
-def run_test_api(base_url: str, tmp_path: Path, *args: str) -> tuple[int, str, dict[str, dict[str, Any]]]:
-    report = tmp_path / "report.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "test_api.py"),
-            base_url,
-            "--json",
-            str(report),
-            "--media-port",
-            str(MEDIA_PORT),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    rows = {row["check"]: row for row in json.loads(report.read_text())["results"]}
-    return result.returncode, result.stdout + result.stderr, rows
-
-
-def statuses(rows: dict[str, dict[str, Any]]) -> dict[str, str]:
-    return {name: row["status"] for name, row in rows.items()}
+STUB_PORT = port(760)
 
 
 # --- test_api.py against real stacks ---------------------------------------------------
@@ -67,20 +39,34 @@ def test_test_api_passes_on_text_stack_and_skips_media_with_reason(text_stack: S
         "models": "pass",
         "text": "pass",
         "streaming": "pass",
+        "tool calling": "skip",
+        "structured output": "pass",
+        "responses API": "pass",
+        "messages API": "pass",
         "image by URL": "skip",
         "image as base64": "skip",
         "video": "skip",
+        "embeddings": "skip",
+        "rerank": "skip",
+        "transcription": "skip",
         "error shapes": "pass",
         "metrics": "pass",
     }
     assert rows["video"]["detail"] == "model has no video input (modalities: text)"
-    assert "CHECK" in output and "7 passed, 0 failed, 3 skipped" in output
+    assert rows["tool calling"]["detail"] == "deployment advertises no tool calling (set TOOL_CALL_PARSER)"
+    assert rows["embeddings"]["detail"].startswith("the model does not serve embeddings")
+    assert "CHECK" in output and "10 passed, 0 failed, 7 skipped" in output
+
+
+# What a chat model without a tool-call parser does not serve.
+NOT_A_CHAT_MODELS_KIND = {"tool calling", "embeddings", "rerank", "transcription"}
 
 
 def test_test_api_passes_every_check_on_vision_stack(vlm_stack: Stack, tmp_path: Path) -> None:
     code, output, rows = run_test_api(vlm_stack.base_url, tmp_path)
     assert code == 0, output
-    assert set(statuses(rows).values()) == {"pass"}, output
+    assert "fail" not in statuses(rows).values(), output
+    assert skipped(rows) == NOT_A_CHAT_MODELS_KIND, output
     assert f"127.0.0.1:{MEDIA_PORT}/check.png" in rows["image by URL"]["detail"]
 
 
@@ -114,7 +100,7 @@ def test_test_api_with_api_key_checks_401_and_fails_without_key(
     )
     code, output, rows = run_test_api(protected.base_url, tmp_path, "--api-key", "k-test-api")
     assert code == 0, output
-    assert set(statuses(rows).values()) == {"pass"}, output
+    assert "fail" not in statuses(rows).values() and skipped(rows) == NOT_A_CHAT_MODELS_KIND, output
     assert "401 without key" in rows["error shapes"]["detail"]
 
     code, output, rows = run_test_api(protected.base_url, tmp_path)
@@ -170,6 +156,14 @@ class BrokenApi(BaseHTTPRequestHandler):
             return
         if request["model"] != "m":
             self._json(404, {"detail": "model not found"})
+        elif self.path == "/v1/responses":
+            self._json(200, {"status": "completed", "usage": {"output_tokens": 1},
+                             "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}]})
+        elif self.path == "/v1/messages":
+            self._json(200, {"type": "message", "content": [{"type": "text", "text": "hi"}],
+                             "stop_reason": "end_turn", "usage": {"output_tokens": 1}})
+        elif request.get("response_format"):
+            self._json(200, {"choices": [{"message": {"role": "assistant", "content": '"yes"'}, "finish_reason": "stop"}]})
         elif request.get("stream"):
             chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "length"}]}
             self._json(200, f"data: {json.dumps(chunk)}\n\n", "text/event-stream")
@@ -204,15 +198,22 @@ def test_test_api_fails_on_broken_error_shape_and_unterminated_stream(broken_api
         "models": "pass",
         "text": "pass",
         "streaming": "fail",
+        "tool calling": "skip",
+        "structured output": "pass",
+        "responses API": "pass",
+        "messages API": "pass",
         "image by URL": "skip",
         "image as base64": "skip",
         "video": "skip",
+        "embeddings": "skip",
+        "rerank": "skip",
+        "transcription": "skip",
         "error shapes": "fail",
         "metrics": "pass",
     }
     assert rows["streaming"]["detail"] == "the stream did not end with 'data: [DONE]'"
     assert rows["error shapes"]["detail"].startswith("unknown model: no 'error' object")
-    assert "FAIL" in output and "5 passed, 2 failed, 3 skipped" in output
+    assert "FAIL" in output and "8 passed, 2 failed, 7 skipped" in output
 
 
 # --- client_example.py -------------------------------------------------------------------
@@ -226,6 +227,16 @@ def test_client_chat_and_stream_on_text_stack(text_stack: Stack) -> None:
     pieces = list(client.stream_chat("Hello", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}))
     assert len(pieces) >= 2
     assert "".join(pieces) == reply.choices[0].message.content
+
+
+def test_client_generate_continues_a_conversation_on_text_stack(text_stack: Stack) -> None:
+    client = ce.InferenceClient(text_stack.base_url, max_retries=0)
+    first = client.generate("Hi, I am Alice.", max_tokens=4)
+    second = client.generate("What is my name?", conversation_id=first["conversation_id"], max_tokens=4)
+    assert second["conversation_id"] == first["conversation_id"]
+    assert second["tokens_generated"] >= 1
+    # A pod or a local server names no RunPod worker, so nothing is pinned.
+    assert client.affinity.headers(first["conversation_id"]) == {}
 
 
 def test_client_sends_an_image_from_a_path(vlm_stack: Stack, tmp_path: Path) -> None:
@@ -261,3 +272,4 @@ def test_client_demo_cli_with_image(vlm_stack: Stack, tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip()
+

@@ -26,13 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.stack import model_dir
+from tests.stack import model_dir, port
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = "vllm-inference-api/cpu-base:local"
 IMAGE = "vllm-inference-api:smoke-test"
 CONTAINER = "vllm-inference-api-smoke"
-HOST_PORT = 8730
+HOST_PORT = port(730)
 DRAIN_TIMEOUT_S = 20
 HEALTHY_TIMEOUT_S = 420
 SERVED_NAME = "tiny-chat"

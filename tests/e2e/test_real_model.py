@@ -28,7 +28,7 @@ def smol_stack(logs_dir: Path) -> Iterator[Stack]:
 def test_smollm2_knows_the_capital_of_france(smol_stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{smol_stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
     reply = client.chat.completions.create(
-        model=str(model_dir("smollm2-135m-instruct")),
+        model="smollm2-135m-instruct",  # a local directory is served under its folder name
         messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=20,
         temperature=0,
@@ -42,7 +42,7 @@ def test_streaming_chunks_arrive_as_they_are_generated(smol_stack: Stack) -> Non
     started = time.perf_counter()
     arrivals = []
     stream = client.chat.completions.create(
-        model=str(model_dir("smollm2-135m-instruct")),
+        model="smollm2-135m-instruct",
         messages=[{"role": "user", "content": "Write a long story about a dragon."}],
         max_tokens=80, temperature=0, stream=True, extra_body={"min_tokens": 80, "ignore_eos": True},
     )

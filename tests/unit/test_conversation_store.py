@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from app.config import ConfigError, load_settings
+from app.config import RUNPOD_VOLUME, ConfigError, load_settings
 from app.generate.store import (
     SQLITE_FILE_NAME,
     UNKNOWN_OWNER,
@@ -32,6 +32,7 @@ from app.generate.store import (
     PostgresConversationStore,
     SQLiteConversationStore,
     build_store,
+    sqlite_path,
     owner_of,
 )
 from tests.postgres_server import PostgresServer, free_port, running_postgres
@@ -736,3 +737,13 @@ def test_a_bad_database_url_fails_at_start_without_showing_it(url: str) -> None:
     with pytest.raises(ConfigError, match="CONVERSATIONS_DB_URL.*postgresql://user:password@host:port/database") as bad:
         load_settings({"CONVERSATIONS_DB_URL": url})
     assert "s3cret" not in str(bad.value)
+
+
+def test_each_runpod_worker_keeps_its_own_sqlite_file_on_a_network_volume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers share /runpod-volume, and SQLite's WAL does not work across hosts: one file per worker there."""
+    local = load_settings({"HF_HOME": "/data/cache"})
+    assert sqlite_path(local, "worker-a") == Path("/data/cache") / SQLITE_FILE_NAME, "a pod's own disk is not shared"
+    settings = load_settings({})
+    monkeypatch.setattr(type(settings), "cache_dir", property(lambda _: RUNPOD_VOLUME / "huggingface-cache"))
+    assert sqlite_path(settings, "worker-a") == RUNPOD_VOLUME / "huggingface-cache" / "conversations-worker-a.sqlite3"
+    assert sqlite_path(settings, None) == RUNPOD_VOLUME / "huggingface-cache" / SQLITE_FILE_NAME

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -151,6 +152,13 @@ def test_forced_cpu_device_runs_the_engine_module() -> None:
         ({"ENFORCE_EAGER": "maybe"}, "ENFORCE_EAGER"),
         ({"PORT": "70000"}, "PORT"),
         ({"LORA_MODULES": "no-equals-sign"}, "LORA_MODULES"),
+        ({"MAX_MODEL_LEN": "8"}, "MAX_MODEL_LEN"),
+        ({"RUNNER": "embedding"}, "RUNNER"),
+        ({"CONVERT": "rerank"}, "CONVERT"),
+        ({"MM_ENCODER_TP_MODE": "tensor"}, "MM_ENCODER_TP_MODE"),
+        ({"MM_PROCESSOR_CACHE_GB": "-1"}, "MM_PROCESSOR_CACHE_GB"),
+        ({"AUDIO_LIMIT": "-1"}, "AUDIO_LIMIT"),
+        ({"ENABLE_AUTO_TOOL_CHOICE": "sometimes"}, "ENABLE_AUTO_TOOL_CHOICE"),
     ],
 )
 def test_invalid_setting_fails_with_one_line_naming_the_variable(environ: dict[str, str], variable: str) -> None:
@@ -175,3 +183,95 @@ def test_secret_values_are_not_echoed_in_errors() -> None:
 def test_served_model_name_defaults_to_model_name() -> None:
     assert load_settings({"MODEL_NAME": "org/x"}).served_model_name == "org/x"
     assert load_settings({"MODEL_NAME": "org/x", "SERVED_MODEL_NAME": "x"}).served_model_name == "x"
+
+
+def test_a_local_directory_is_served_under_its_folder_name(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "my-model"
+    model.mkdir(parents=True)
+    for given in (str(model), f"{model}/"):
+        settings = load_settings({"MODEL_NAME": given})
+        assert settings.served_model_names == ("my-model",)
+        assert flag(build_engine_args(settings, model, TEXT), "--served-model-name") == "my-model"
+
+
+def test_a_path_is_named_by_its_folder_even_before_it_is_mounted() -> None:
+    assert load_settings({"MODEL_NAME": "/models/not-mounted-here"}).served_model_name == "not-mounted-here"
+
+
+def test_a_remote_engine_keeps_model_name_as_given() -> None:
+    """docker-compose's split engine is stock vLLM started with --served-model-name $MODEL_NAME."""
+    settings = load_settings({"MODEL_NAME": "/models/x", "ENGINE_URL": "http://engine:8001"})
+    assert settings.served_model_names == ("/models/x",)
+
+
+def test_a_hub_cache_snapshot_is_served_under_its_hub_id(tmp_path: Path) -> None:
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    assert load_settings({"MODEL_NAME": str(snapshot)}).served_model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_served_names_and_aliases_all_reach_the_engine_first_one_reported(tmp_path: Path) -> None:
+    model = tmp_path / "smollm2-135m-instruct"
+    model.mkdir()
+    settings = load_settings({
+        "MODEL_NAME": str(model), "SERVED_MODEL_NAME": "HuggingFaceTB/SmolLM2-135M-Instruct, smollm2-135m-instruct",
+    })
+    assert settings.served_model_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert settings.served_model_names == ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct")
+    args = build_engine_args(settings, model, TEXT)
+    start = args.index("--served-model-name") + 1
+    assert args[start:start + 3] == [*settings.served_model_names, "--host"]
+
+
+def test_served_model_name_replaces_the_default_name(tmp_path: Path) -> None:
+    """What /v1/models lists is what was set: no alias the user did not ask for."""
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    assert load_settings({"MODEL_NAME": str(model), "SERVED_MODEL_NAME": "tiny-chat"}).served_model_names == ("tiny-chat",)
+
+
+def test_named_engine_settings_map_to_their_flags() -> None:
+    settings = load_settings({
+        "TOOL_CALL_PARSER": "hermes", "ENABLE_AUTO_TOOL_CHOICE": "true", "REASONING_PARSER": "deepseek_r1",
+        "CHAT_TEMPLATE": "{{ messages }}", "SPECULATIVE_CONFIG": '{"method": "ngram"}', "KV_CACHE_DTYPE": "fp8",
+        "GENERATION_CONFIG": "vllm", "LOAD_FORMAT": "safetensors", "RUNNER": "pooling", "CONVERT": "embed",
+        "MM_PROCESSOR_CACHE_GB": "2", "MAX_MODEL_LEN": "auto",
+    })
+    args = build_engine_args(settings, "/m", TEXT)
+    assert flag(args, "--tool-call-parser") == "hermes" and "--enable-auto-tool-choice" in args
+    assert flag(args, "--reasoning-parser") == "deepseek_r1"
+    assert flag(args, "--chat-template") == "{{ messages }}"
+    assert flag(args, "--speculative-config") == '{"method": "ngram"}'
+    assert flag(args, "--kv-cache-dtype") == "fp8"
+    assert flag(args, "--generation-config") == "vllm"
+    assert flag(args, "--load-format") == "safetensors"
+    assert flag(args, "--runner") == "pooling" and flag(args, "--convert") == "embed"
+    assert flag(args, "--mm-processor-cache-gb") == "2.0"
+    assert flag(args, "--max-model-len") == "auto"
+
+
+def test_unset_engine_settings_leave_the_engine_defaults() -> None:
+    args = build_engine_args(load_settings({"TOOL_CALL_PARSER": "", "SPECULATIVE_CONFIG": " "}), "/m", TEXT)
+    for absent in ("--tool-call-parser", "--enable-auto-tool-choice", "--reasoning-parser", "--chat-template",
+                   "--speculative-config", "--kv-cache-dtype", "--load-format", "--mm-processor-cache-gb"):
+        assert absent not in args
+    assert flag(args, "--runner") == "auto" and flag(args, "--convert") == "auto"
+
+
+def test_audio_models_get_an_audio_limit() -> None:
+    settings = load_settings({"AUDIO_LIMIT": "2"})
+    args = build_engine_args(settings, "/m", frozenset({"text", "audio"}))
+    assert json.loads(flag(args, "--limit-mm-per-prompt")) == {"audio": 2}
+    assert "--mm-encoder-tp-mode" not in args  # no vision encoder
+
+
+def test_vision_encoders_run_data_parallel_by_default() -> None:
+    assert flag(build_engine_args(load_settings({}), "/m", VISION), "--mm-encoder-tp-mode") == "data"
+    weights = load_settings({"MM_ENCODER_TP_MODE": "weights"})
+    assert flag(build_engine_args(weights, "/m", VISION), "--mm-encoder-tp-mode") == "weights"
+    assert "--mm-encoder-tp-mode" not in build_engine_args(load_settings({}), "/m", TEXT)
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", " auto "])
+def test_max_model_len_auto_lets_the_engine_fit_the_context(value: str) -> None:
+    assert load_settings({"MAX_MODEL_LEN": value}).MAX_MODEL_LEN == "auto"

@@ -13,11 +13,9 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from tests.fake_engine import SERVED_NAME, FakeEngine
 from tests.inprocess import Wrapper, running_wrapper
@@ -25,14 +23,6 @@ from tests.inprocess import Wrapper, running_wrapper
 KEY = "door-key"
 CHAT = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
 MiB = 1024 * 1024
-
-
-@pytest_asyncio.fixture
-async def engine() -> AsyncIterator[FakeEngine]:
-    fake = FakeEngine()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def bearer(key: str = KEY) -> dict[str, str]:
@@ -413,3 +403,29 @@ async def test_health_check_path_serves_the_ping_answers(engine: FakeEngine) -> 
             while (down := await client.get("/healthz")).status_code == 200:
                 await asyncio.sleep(0.05)  # the engine check is cached for half a second
         assert down.status_code == 503 and down.json()["status"] == "engine_unavailable"
+
+
+async def test_a_connection_the_engine_closed_is_retried_once_on_a_new_one(engine: FakeEngine) -> None:
+    """The engine drops idle keep-alive connections (and one after a 500); the pool may still hand one out."""
+    async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
+        engine.drop_requests = 1
+        retried = await client.post("/v1/chat/completions", json=CHAT)
+        assert retried.status_code == 200, retried.text
+        assert (await client.get("/health")).status_code == 200, "not taken for a crashed engine"
+        engine.drop_requests = 2
+        failed = await client.post("/v1/chat/completions", json=CHAT)
+        assert failed.status_code == 502 and failed.json()["error"]["code"] == "engine_error"
+    assert len(engine.requests_to("/v1/chat/completions")) == 4
+
+
+async def test_other_streams_reach_the_client_whole_and_are_counted(engine: FakeEngine) -> None:
+    """Only the usage block the wrapper asked for on chat and completions is taken out of a stream."""
+    body = {"model": SERVED_NAME, "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
+        response = await client.post("/v1/messages", json=body)
+        [line] = await wrapper.wait_for_lines(1)
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert [event["type"] for event in events] == ["message_start", "content_block_delta", "message_delta",
+                                                   "message_stop"]
+    assert events[2]["usage"] == {"output_tokens": 2}
+    assert (line["prompt_tokens"], line["completion_tokens"], line["stream"]) == (7, 2, True)

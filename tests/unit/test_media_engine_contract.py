@@ -157,6 +157,9 @@ RESPONSES_INPUT = [
     {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
     {"type": "function_call_output", "call_id": "c", "output": [input_image("http://a.test/3")]},
     {"role": "user", "content": "plain"},
+    {"type": "function_call", "call_id": "d", "name": "f", "arguments": "{}"},
+    # The engine reads the output by the item's type, whatever else the item has.
+    {"type": "function_call_output", "role": "user", "call_id": "d", "output": [input_image("http://a.test/4")]},
 ]
 SCORE_DOCS = ["text", {"content": [image("http://a.test/d1")]}, {"content": [video("http://a.test/d2")]}]
 

@@ -22,13 +22,30 @@ def test_text_only_model(tmp_path: Path) -> None:
     assert detect_modalities(directory) == {"text"}
 
 
-def test_whisper_style_audio_preprocessor_is_not_an_image_processor(tmp_path: Path) -> None:
+def test_whisper_style_audio_preprocessor_means_audio_not_images(tmp_path: Path) -> None:
     directory = model_dir(
         tmp_path,
         config={"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]},
         preprocessor_config={"feature_extractor_type": "WhisperFeatureExtractor", "sampling_rate": 16000},
     )
-    assert detect_modalities(directory) == {"text"}
+    assert detect_modalities(directory) == {"text", "audio"}
+
+
+def test_whisper_as_written_by_transformers_5(tmp_path: Path) -> None:
+    directory = model_dir(
+        tmp_path,
+        config={"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"]},
+        processor_config={
+            "processor_class": "WhisperProcessor",
+            "feature_extractor": {"feature_extractor_type": "WhisperFeatureExtractor", "sampling_rate": 16000},
+        },
+    )
+    assert detect_modalities(directory) == {"text", "audio"}
+
+
+def test_an_audio_tower_in_the_config_means_audio(tmp_path: Path) -> None:
+    directory = model_dir(tmp_path, config={"model_type": "qwen2_audio", "audio_config": {"d_model": 64}})
+    assert detect_modalities(directory) == {"text", "audio"}
 
 
 def test_qwen2_vl_as_written_by_transformers_5(tmp_path: Path) -> None:
@@ -92,7 +109,7 @@ def test_mistral_format_with_vision_encoder(tmp_path: Path) -> None:
 
 
 def test_unknown_model_trusts_the_limits(tmp_path: Path) -> None:
-    everything = {"text", "image", "video"}
+    everything = {"text", "image", "video", "audio"}
     assert detect_modalities(None) == everything
     assert detect_modalities(tmp_path) == everything  # no config to read
     (tmp_path / "config.json").write_text("{not json")

@@ -153,6 +153,16 @@ SLOTS = [
         "input[1].output[0].image_url",
     ),
     Slot(
+        "responses-tool-output-with-role", "/v1/responses",
+        lambda url: {"model": MODEL, "input": [
+            {"type": "function_call", "call_id": "c1", "name": "shot", "arguments": "{}"},
+            {"type": "function_call_output", "role": "user", "call_id": "c1",
+             "output": [{"type": "input_image", "image_url": url, "detail": "auto"}]},
+        ]},
+        lambda body: body["input"][1]["output"][0]["image_url"],
+        "input[1].output[0].image_url",
+    ),
+    Slot(
         "messages", "/v1/messages",
         lambda url: {"model": MODEL, "max_tokens": 4, "messages": [
             {"role": "user", "content": [{"type": "text", "text": "Describe."}, anthropic_image(url)]},
@@ -359,6 +369,12 @@ UNCHECKED: list[tuple[str, dict[str, Any], str, str]] = [
      "messages[0].content[1].audio_url", "Audio URLs are not fetched"),
     ("/v1/chat/completions", chat_with({"type": "image", "image": "https://example.com/a.png"}),
      "messages[0].content[1]", "Content part type 'image' is not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": openai_image("http://10.0.0.1/x.png")}]},
+     "messages[0].content", "does not check"),
+    ("/v1/chat/completions", {"messages": [user([openai_image("http://10.0.0.1/x.png")])]},
+     "messages[0].content[1][0]", "does not check"),
+    ("/v1/chat/completions", chat_with({"type": 5, "image_url": {"url": "http://10.0.0.1/x.png"}}),
+     "messages[0].content[1].image_url", "does not check"),
     ("/v1/chat/completions/render", {"messages": [user()], "multi_modal_data": {"image": "x"}},
      "multi_modal_data", "does not check"),
     ("/tokenize", {"prompt": "hi", "mm_data": {}, "extra": {"type": "input_image", "image_url": "http://10.0.0.1"}},
@@ -386,6 +402,10 @@ UNCHECKED: list[tuple[str, dict[str, Any], str, str]] = [
     ("/v1/completions", {"prompt": "hi", "prompt_embeds": "AAAA"}, "prompt_embeds", "precomputed embeddings"),
     ("/v1/completions/render", {"prompt": [{"prompt": "hi", "multi_modal_data": {"image": "http://10.0.0.1"}}]},
      "prompt[0].multi_modal_data", "text or token ids only"),
+    ("/v1/completions", {"prompt": ["hi", openai_image("http://10.0.0.1/x.png")]},
+     "prompt[1]", "text or token ids only"),
+    ("/v1/embeddings", {"input": ["hi", {"x": {"image_url": "http://10.0.0.1/x.png"}}]},
+     "input[1].x.image_url", "does not check"),
     ("/pooling", {"data": {"data": "https://example.com/tile.tiff", "data_format": "url"}},
      "data", "IO-processor plugin"),
     ("/v1/embeddings", {"input": [user({"type": "video_embeds", "video_embeds": "AAAA"})]},
@@ -468,6 +488,20 @@ async def test_schemas_and_tool_calls_that_mention_media_are_not_media() -> None
     assert await prepare("/v1/messages", anthropic) == MediaCounts()
 
 
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/responses", {"input": [{"type": []}, {"type": {}, "role": "user", "content": "hi"}]}),
+        ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": {}}, {"type": ["image"]}]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": ["image_url"]}]}]}),
+    ],
+    ids=["responses", "messages", "chat"],
+)
+async def test_types_that_are_not_strings_are_no_media(route: str, body: dict[str, Any]) -> None:
+    counts = await prepare(route, body)
+    assert (counts.image, counts.video) == (0, 0)
+
+
 async def test_inline_audio_passes_and_inline_audio_urls_too() -> None:
     body = chat_with({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}})
     body["messages"].append(user({"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,UklGRg=="}}))
@@ -477,3 +511,22 @@ async def test_inline_audio_passes_and_inline_audio_urls_too() -> None:
 async def test_an_unknown_route_is_refused() -> None:
     error = await refusal("/v1/messages/render", {"messages": []})
     assert error.status == 400 and "/v1/messages/render" in error.message
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/responses"])
+async def test_media_in_a_system_or_developer_message_is_refused(role: str, route: str) -> None:
+    """Chat templates render these roles as text; the engine fails on an image there with a 500."""
+    image = openai_image(data_url(sample_image("PNG", (8, 8))))
+    field = "messages" if route == "/v1/chat/completions" else "input"
+    error = await refusal(route, {field: [user({"type": "text", "text": "hi"}), {"role": role, "content": [image]}]})
+    assert error.status == 400 and f"not in a {role} message" in error.message
+    assert error.param == f"{field}[1].content[0].image_url"
+    assistant = {field: [user(image), {"role": "assistant", "content": [image]}]}
+    assert (await prepare(route, assistant)).image == 2, "assistant turns may carry images"
+
+
+async def test_a_responses_message_without_content_is_refused() -> None:
+    """vLLM 0.32 fails such an item with a 500 (an IndexError in its converter)."""
+    error = await refusal("/v1/responses", {"input": [{"role": "assistant", "type": "message", "content": []}]})
+    assert error.status == 400 and error.param == "input[0].content"

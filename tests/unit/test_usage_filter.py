@@ -84,3 +84,18 @@ def test_non_streaming_usage_whatever_follows_it() -> None:
     assert read_json_usage(json.dumps(later, indent=2).encode()) == (4, 9)
     assert read_json_usage(b'{"choices":[],"usage":null}') == (None, None)
     assert read_json_usage(b'{"usage":{"prompt_tokens":1') == (None, None)  # cut short
+
+
+def test_responses_and_anthropic_usage_is_counted_and_kept() -> None:
+    """Responses and Anthropic Messages name their counts input_tokens / output_tokens, in other places."""
+    responses = b'data: {"type":"response.completed","response":{"usage":{"input_tokens":9,"output_tokens":4}}}\n\n'
+    out, usage = relay([CHUNK, responses, DONE], strip=True)
+    assert out == CHUNK + responses + DONE, "not the wrapper's own usage event: kept"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (9, 4)
+
+    start = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":7,"output_tokens":1}}}\n\n'
+    delta = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":5}}\n\n'
+    _, usage = relay([start, CHUNK, delta], strip=False)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (7, 5)
+    assert read_json_usage(b'{"usage":{"input_tokens":3,"output_tokens":2}}') == (3, 2)
+    assert read_json_usage(b'{"data":[],"usage":{"prompt_tokens":6,"total_tokens":6}}') == (6, None)
