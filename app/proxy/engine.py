@@ -33,7 +33,13 @@ from app.config import Settings
 from app.errors import APIError, unavailable
 from app.lifecycle.status import Phase
 from app.proxy.upstream import (
-    ConnectFailed, ConnectionClosed, ExchangeTimeout, Headers, UpstreamError, UpstreamPool, UpstreamResponse,
+    ConnectFailed,
+    ConnectionClosed,
+    ExchangeTimeout,
+    Headers,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
 )
 from app.readiness import Readiness
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from app.proxy import upstream
-from app.proxy.upstream import ConnectFailed, ConnectionBroken, ExchangeTimeout, UpstreamPool, UpstreamResponse
+from app.proxy.upstream import (
+    ConnectFailed,
+    ConnectionBroken,
+    ConnectionClosed,
+    ExchangeTimeout,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from tests.unit.test_bench_loadgen import free_port
 
 WAIT_S = 30.0
@@ -155,6 +162,58 @@ async def test_chunked_and_close_delimited_bodies_are_read_whole(serve) -> None:
     assert await exchange(pool) == b"until the end"
     assert await exchange(pool) == b"until the end"  # on a new connection
     assert len(script.connections) == 2
+
+
+async def test_a_response_in_pieces_as_small_as_one_byte_is_read_whole(serve) -> None:
+    """TCP may cut anywhere: inside the status line, a header, a chunk size or a chunk's data."""
+    events = [b"data: one\n\n", b"data: two\n\n"]
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" \
+             + b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events) + b"0\r\n\r\n"
+
+    async def byte_by_byte(conn: Connection) -> None:
+        for i in range(len(answer)):
+            conn.write(answer[i : i + 1])
+            await asyncio.sleep(0)
+
+    tasks = []
+    script, pool = await serve(lambda conn, _: tasks.append(asyncio.ensure_future(byte_by_byte(conn))))
+
+    assert await exchange(pool) == b"".join(events)
+    assert await exchange(pool) == b"".join(events)
+    assert len(script.connections) == 1, "a response read whole leaves its connection reusable"
+
+
+async def test_a_connection_that_carried_a_server_error_is_not_reused(serve) -> None:
+    failed = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\r\n{}"
+    answers = iter([failed, OK])
+    script, pool = await serve(lambda conn, _: conn.write(next(answers)))
+
+    await exchange(pool)
+    await exchange(pool)
+
+    assert len(script.connections) == 2
+
+
+async def test_a_request_the_engine_closed_before_answering_is_a_closed_connection(serve) -> None:
+    """What `EngineClient` retries once, on a fresh connection rather than another idle one."""
+    answers = iter([OK, None, OK, OK])
+
+    def answer(conn: Connection, _: bytes) -> None:
+        if (reply := next(answers)) is None:
+            conn.transport.close()  # like a stale keep-alive connection the request raced
+        else:
+            conn.write(reply)
+
+    script, pool = await serve(answer)
+    await exchange(pool)
+    with pytest.raises(ConnectionClosed):
+        await exchange(pool)
+    await exchange(pool)
+    assert len(script.connections) == 2
+
+    response = await pool.send("POST", "/", [], b"", total_s=WAIT_S, fresh=True)
+    pool.release(response)
+    assert len(script.connections) == 3, "not the idle one"
 
 
 async def test_a_head_request_ends_with_its_headers(serve) -> None:
