@@ -61,7 +61,6 @@ class EngineClient:
         self._drained: set[asyncio.Task[Any]] = set()
         self._aborted = False
         self._facts: dict[str, Any] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -215,12 +214,7 @@ class Exchange:
         client = self._client
         if client._aborted:
             raise client._drain_error()
-        loop = client._loop
-        if loop is None:
-            # One client, one loop: asked once, since Python 3.11 makes a getpid syscall for it
-            # (`current_task()` without its loop asks every time: ~5% of a request's CPU samples).
-            loop = client._loop = asyncio.get_running_loop()
-        task = self._task = asyncio.current_task(loop)
+        task = self._task = asyncio.current_task()
         assert task is not None
         client._calls.add(task)
         try:
