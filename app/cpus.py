@@ -5,8 +5,8 @@ of: it is bound by its CPU affinity (`docker --cpuset-cpus`, Kubernetes'
 static CPU manager) and by its cgroup CPU quota (`docker --cpus`, Kubernetes
 CPU limits), and the smaller of the two is what it can use.
 
-One wrapper worker serves about 10,000 non-streamed requests or 100,000
-stream chunks a second on one core (README, Performance). On a GPU host the
+One wrapper worker serves about 8,000 non-streamed requests or 5,700 streams
+of 64 chunks a second on one core (README, Performance). On a GPU host the
 engine needs cores of its own (its API server, the engine core's busy loop,
 one process per GPU, media decoding), so the default (`WORKERS=auto`) gives
 the wrapper a quarter of the cores: 1 worker up to 7 cores, then one more per
