@@ -22,6 +22,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.cpus import auto_workers
+
 RUNPOD_VOLUME = Path("/runpod-volume")
 # Where RunPod mounts a network volume: Serverless workers, then pods.
 DEFAULT_CACHE_VOLUMES = f"{RUNPOD_VOLUME},/workspace"
@@ -185,7 +187,11 @@ class Settings(BaseSettings):
     HEALTH_CHECK_PATH: str = Field(
         "/ping", description="Path the RunPod load balancer polls; it gets the /ping answers (204 loading, 200 ready)."
     )
-    WORKERS: int = Field(1, ge=1, le=64, description="Wrapper processes sharing PORT.")
+    WORKERS: int = Field(
+        default_factory=lambda: auto_workers(), ge=1, le=64, json_schema_extra={"default_text": "auto"},
+        description="Wrapper processes sharing PORT; auto: a quarter of the cores the container may use "
+        "(CPU affinity and quota), 1 to 8.",
+    )
     API_KEY: SecretStr | None = Field(
         None, description="Comma-separated keys; when set, inference routes need `Authorization: Bearer KEY`."
     )
@@ -252,6 +258,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("WORKERS", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        return auto_workers() if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
     @field_validator(
         "MODEL_REVISION", "SERVED_MODEL_NAME", "QUANTIZATION", "ENGINE_URL",

@@ -8,12 +8,13 @@ In order, from the cheapest check to the first costly step:
    and /info take the key unless PUBLIC_METRICS): an unauthenticated client
    never gets a byte of its body read, and unknown paths answer 401 before 404;
 3. a declared `Content-Length` over MAX_REQUEST_BYTES is refused at once;
-4. requests that make the engine work take an engine slot (`Gateway.admit`:
+4. requests that make the engine work take an engine slot (`Gateway.enter`:
    503 while draining, 429/503 when full) before their body is read, so the
    slots bound the memory and CPU of bodies, media and generation together;
 5. the body is read up to MAX_REQUEST_BYTES (chunked uploads included) within
    BODY_READ_TIMEOUT_S, so a client that sends a byte every few seconds does
-   not hold a connection and a slot for long.
+   not hold a connection and a slot for long (no deadline is needed for a body
+   the server says has fully arrived: `app.request_progress`).
 
 What the server still reads of a body it refused unread is bounded by the
 server's protocol (`app.serve.GuardedHttpProtocol`). Then the request goes to the engine relay, or to the wrapper's own routes
@@ -23,8 +24,6 @@ with the body handed over as it was read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from app.auth import KeyCheck, header
@@ -32,6 +31,7 @@ from app.errors import APIError
 from app.observability.record import RequestRecord
 from app.proxy.gateway import Gateway
 from app.proxy.reply import send_error
+from app.request_progress import progress_of
 from app.routes import Route, RouteTable
 
 Scope = dict[str, Any]
@@ -81,14 +81,20 @@ class FrontDoor:
             scope["state"][CALLER_STATE] = self._authorize(route, scope)
             _check_method(route, scope["method"])
             self._check_declared_size(scope["headers"])
-            async with self._slot(route, record):
+            admitted = route.admitted
+            if admitted:
+                await self._gateway.enter(record)
+            try:
                 body = b""
                 if route.body != "none" and _has_body(scope["headers"]):
-                    body = await self._read_body(receive)
+                    body = await self._read_body(scope, receive)
                 if route.relayed:
                     await self._relay(scope, receive, send, route, body, record)
                 else:
                     await self.app(scope, _replay(body, receive), send)
+            finally:
+                if admitted:
+                    self._gateway.leave()
         except APIError as error:
             record.error_cause = error.cause
             await send_error(send, error)
@@ -106,15 +112,10 @@ class FrontDoor:
         if declared is not None and declared.isdigit() and int(declared) > self._max_body_bytes:
             raise _too_large(self._max_body_bytes)
 
-    @asynccontextmanager
-    async def _slot(self, route: Route, record: RequestRecord) -> AsyncIterator[None]:
-        if not route.admitted:
-            yield
-            return
-        async with self._gateway.admit(record):
-            yield
-
-    async def _read_body(self, receive: Any) -> bytes:
+    async def _read_body(self, scope: Scope, receive: Any) -> bytes:
+        progress = progress_of(scope)
+        if progress is not None and progress.body_complete:
+            return await read_body(receive, self._max_body_bytes)
         try:
             async with asyncio.timeout(self._body_timeout_s):
                 return await read_body(receive, self._max_body_bytes)

@@ -1,16 +1,19 @@
 """The wrapper application: probes, deployment facts, metrics, `/generate` and the engine relay.
 
-`create_app(services)` returns the ASGI application uvicorn serves. Middleware,
-outermost first: CORS (when enabled), the access log (request id, metrics,
-one log line), the front door (route table, key, size, slot, body), then
-either the engine relay or these FastAPI routes. Every request passes the
-front door, so the routes here need no auth or limits of their own.
+`create_app(services)` returns the ASGI application uvicorn serves, outermost
+first: CORS (when enabled), the access log (request id, metrics, one log
+line), the front door (route table, key, size, slot, body), then either the
+engine relay or the FastAPI application with these routes. Every request
+passes the front door, so the routes here need no auth or limits of their
+own. The relay, the hot path, never enters FastAPI: its middleware stack
+(error middleware, exception middleware, router) would wrap every request
+and every chunk in layers the relay does not use.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,8 +34,10 @@ from app.observability.access import AccessLog
 from app.observability.gpu import gpu_info
 from app.services import Services
 
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
-def create_app(services: Services) -> FastAPI:
+
+def create_app(services: Services) -> ASGIApp:
     settings = services.settings
 
     @asynccontextmanager
@@ -58,8 +63,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(_operations_router(services))
     app.include_router(build_router(GenerateService(settings, services.engine, services.store)))
 
-    app.add_middleware(
-        FrontDoor,
+    served: ASGIApp = AccessLog(FrontDoor(
+        app,
         routes=services.routes,
         keys=services.keys,
         gateway=services.gateway,
@@ -67,17 +72,16 @@ def create_app(services: Services) -> FastAPI:
         max_body_bytes=settings.MAX_REQUEST_BYTES,
         body_timeout_s=settings.BODY_READ_TIMEOUT_S,
         public_operator_routes=settings.PUBLIC_METRICS,
-    )
-    app.add_middleware(AccessLog)
+    ))
     if settings.cors_allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
+        served = CORSMiddleware(
+            served,
             allow_origins=list(settings.cors_allow_origins),
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["X-Request-ID"],
         )
-    return app
+    return served
 
 
 def _operations_router(services: Services) -> APIRouter:

@@ -10,7 +10,9 @@ stop. A second signal stops at once.
 
 uvicorn runs with a protocol that also bounds the time to receive a
 request's headers (`HEADER_READ_TIMEOUT_S`) and what is read of a body the
-wrapper refused without reading (`GuardedHttpProtocol`).
+wrapper refused without reading, that tells the application when a client
+hangs up and when a body is complete, and that sends a response's head with
+its first body bytes (`GuardedHttpProtocol`).
 
 `PORT_HEALTH`, when it differs from `PORT`, is a second listening socket of
 the same app, so `/ping` answers there too.
@@ -25,6 +27,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -37,6 +40,7 @@ from app.errors import APIError
 from app.lifecycle.status import STATUS_FILE_ENV
 from app.main import create_app
 from app.observability.logging import configure_logging, install_secret_redaction, uvicorn_log_config
+from app.request_progress import EXTENSION, RequestProgress
 from app.services import Services
 
 log = logging.getLogger("app.serve")
@@ -75,8 +79,49 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class HeadWithBody:
+    """The transport of one response: its head waits for the body's first bytes, to leave in one write.
+
+    uvicorn writes a response's head at `http.response.start` and its body at
+    `http.response.body`: two writes, two packets, two wake-ups of the client,
+    for a response the relay sends in one go. Here the head waits until the
+    next write or the end of the event-loop iteration, whichever comes first,
+    so a stream's head is not held back until its first token.
+    """
+
+    __slots__ = ("_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = b""  # b"": nothing written yet; None: the head has gone
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is None:
+            self._transport.write(data)
+        elif head:
+            self._head = None
+            self._transport.write(head + data)
+        else:
+            self._head = data
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self._head:
+            self._transport.write(self._head)
+        self._head = None
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with two bounds uvicorn lacks.
+    """uvicorn's HTTP/1.1 protocol with two bounds uvicorn lacks, and a `RequestProgress` per request.
 
     - Headers: uvicorn bounds the idle time between requests
       (timeout_keep_alive), not the time a client takes to send a request's
@@ -93,6 +138,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
       BODY_READ_TIMEOUT_S; then the connection closes.
 
     The body the wrapper does read has its deadline in the front door.
+
+    Each request's scope carries a `RequestProgress` (app.request_progress)
+    that this protocol keeps current: body complete, client gone. Requests
+    being served or waiting (pipelined) have theirs in `_progress`, oldest
+    first; a closed connection reaches all of them. Each response is written
+    through a `HeadWithBody`.
     """
 
     header_timeout_s = 10.0
@@ -104,6 +155,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._progress: deque[RequestProgress] = deque()
         self._arm(self.header_timeout_s, self._headers_too_slow)
 
     def on_message_begin(self) -> None:
@@ -114,6 +166,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:  # a request to serve, not an upgrade
+            self.cycle.transport = HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
+            progress = RequestProgress()
+            self.scope["extensions"] = {EXTENSION: progress}
+            self._progress.append(progress)
 
     def on_body(self, body: bytes) -> None:
         if self._lingering:
@@ -128,8 +185,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._lingering = False
             self._disarm()
         super().on_message_complete()
+        if self._progress:
+            self._progress[-1].body_complete = True  # the request whose headers came last
 
     def on_response_complete(self) -> None:
+        if self._progress:
+            self._progress.popleft()  # responses complete in the order requests arrived
         if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
             self._lingering, self._discarded = True, 0
             self._arm(self.linger_timeout_s, self.transport.close)
@@ -138,6 +199,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        progress, self._progress = self._progress, deque()
+        for request in progress:
+            request.client_left()
 
     def _arm(self, delay_s: float, callback: Callable[[], object]) -> None:
         self._disarm()

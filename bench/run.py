@@ -1,10 +1,12 @@
 """The whole gateway benchmark in one command (`make bench`).
 
 Starts a fake OpenAI-compatible upstream, the baselines (direct access, nginx,
-a minimal FastAPI + aiohttp pass-through, optionally FastAPI + httpx) and the
-wrapper (`scripts/start.sh` with ENGINE_URL, JSON logs to a file), runs the
-matrix of cells with the load generator, stops everything, and writes
-`bench/results/latest.md`, `latest.json` and plots.
+the vLLM project's router `vllm-router`, a minimal FastAPI + aiohttp
+pass-through, optionally FastAPI + httpx) and the wrapper (`scripts/start.sh`
+with ENGINE_URL, JSON logs to a file), optionally the wrapper as it was at
+another commit (`--compare REF`), runs the matrix of cells with the load
+generator, stops everything, and writes `bench/results/latest.md`,
+`latest.json` and plots.
 
 Placement on the 2-core machine: every gateway is pinned to the gateway core
 (0 by default); the upstream, the load generator and this runner share the
@@ -12,7 +14,7 @@ other core. In the real-engine cells the engine computes on the first core and t
 wrapper runs on the other. Cells run interleaved: each repeat measures every gateway at one
 concurrency back to back, so ratios compare measurements taken seconds apart.
 
-Run: `python -m bench.run [--quick] [--engine] [--workers N] [--httpx] [--profile]`.
+Run: `python -m bench.run [--quick] [--engine] [--workers N] [--httpx] [--profile] [--compare REF]`.
 """
 
 from __future__ import annotations
@@ -37,19 +39,27 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 PYTHON = sys.executable
 
-# The benchmark's port range is 8500-8599.
-UPSTREAM_PORT = 8500
-DECODE_UPSTREAM_PORT = 8501
-NGINX_PORT = 8510
-NGINX_DECODE_PORT = 8511
-AIOHTTP_PORT = 8512
-HTTPX_PORT = 8513
-WRAPPER_PORT = 8520
-WRAPPER_DECODE_PORT = 8521
-WRAPPER_SCALE_ONE_PORT = 8522
-WRAPPER_SCALE_MANY_PORT = 8523
-ENGINE_PORT = 8530
-WRAPPER_ENGINE_PORT = 8531
+# The benchmark's ports: BENCH_PORT_BASE (default 8500) and the 99 above it, so runs on a shared
+# machine can be kept apart.
+PORT_BASE = int(os.environ.get("BENCH_PORT_BASE", "8500"))
+UPSTREAM_PORT = PORT_BASE + 0
+DECODE_UPSTREAM_PORT = PORT_BASE + 1
+NGINX_PORT = PORT_BASE + 10
+NGINX_DECODE_PORT = PORT_BASE + 11
+AIOHTTP_PORT = PORT_BASE + 12
+HTTPX_PORT = PORT_BASE + 13
+ROUTER_PORT = PORT_BASE + 14
+ROUTER_DECODE_PORT = PORT_BASE + 15
+ROUTER_METRICS_PORT = PORT_BASE + 16
+ROUTER_DECODE_METRICS_PORT = PORT_BASE + 17
+WRAPPER_PORT = PORT_BASE + 20
+WRAPPER_DECODE_PORT = PORT_BASE + 21
+WRAPPER_SCALE_ONE_PORT = PORT_BASE + 22
+WRAPPER_SCALE_MANY_PORT = PORT_BASE + 23
+ENGINE_PORT = PORT_BASE + 30
+WRAPPER_ENGINE_PORT = PORT_BASE + 31
+COMPARE_PORT = PORT_BASE + 40
+COMPARE_DECODE_PORT = PORT_BASE + 41
 
 TOKENS = 64
 DECODE_DELAY_MS = 5.0
@@ -77,6 +87,7 @@ class Plan:
     gateway_core: int
     client_core: int
     quick: bool
+    compare: str | None = None  # a git revision of the wrapper measured beside the working tree
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,7 +95,7 @@ class Job:
     """One cell of the matrix: a scenario measured through one gateway at one concurrency."""
 
     scenario: str  # a key of report.RATE_METRIC
-    gateway: str  # direct | nginx | aiohttp | httpx | wrapper | wrapper-<N>w
+    gateway: str  # direct | nginx | vllm-router | aiohttp | httpx | wrapper | wrapper@<REF> | wrapper-<N>w
     cell: Cell
     service: Service  # the process tree whose CPU is the gateway's
     pinned: bool  # whether the gateway is pinned to the gateway core
@@ -119,17 +130,23 @@ class Bench:
                 "-e", str(directory / "error.log")]
         return Service("nginx", argv, NGINX_PORT, self.logs / "nginx.log", cpus=str(self.plan.gateway_core))
 
+    def router(self, name: str, port: int, upstream_port: int, metrics_port: int) -> Service:
+        """vLLM's router (Rust), as its README runs it in front of one engine; its metrics stay on."""
+        return Service(name, router_argv(port, upstream_port, metrics_port), port, self.logs / f"{name}.log",
+                       cpus=str(self.plan.gateway_core))
+
     def passthrough(self, kind: str, port: int) -> Service:
         argv = [PYTHON, "-m", f"bench.passthrough_{kind}", "--port", str(port),
                 "--upstream", f"http://127.0.0.1:{UPSTREAM_PORT}"]
         return Service(f"passthrough-{kind}", argv, port, self.logs / f"passthrough-{kind}.log",
                        cpus=str(self.plan.gateway_core), cwd=REPO)
 
-    def wrapper(self, name: str, port: int, engine_port: int, *, core: int | None, workers: int = 1,
-                model: str = "m") -> Service:
+    def wrapper(self, name: str, port: int, engine_port: int, *, core: int | str | None, workers: int = 1,
+                model: str = "m", root: Path = REPO) -> Service:
         """The wrapper as deployed: scripts/start.sh in wrapper-only mode, one JSON log line per request.
 
-        `core`: the core it is pinned to, or None to let it run on any.
+        `core`: the core (or taskset list of cores) it is pinned to, or None to let it run on any.
+        `root`: the source tree it runs from (another revision's export for `--compare`).
         """
         env = {
             "PATH": f"{Path(PYTHON).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -146,8 +163,15 @@ class Bench:
             "DRAIN_TIMEOUT_S": "1",
         }
         return Service(name, ["bash", "scripts/start.sh"], port, self.logs / f"{name}.log",
-                       cpus=None if core is None else str(core), env=env, cwd=REPO,
+                       cpus=None if core is None else str(core), env=env, cwd=root,
                        ready_timeout_s=ENGINE_READY_TIMEOUT_S)
+
+    def compared_tree(self, revision: str) -> Path:
+        """The wrapper's files at `revision`, exported (`git archive`) into the work directory."""
+        directory = self.workdir / "compare"
+        directory.mkdir(parents=True, exist_ok=True)
+        export_revision(revision, directory)
+        return directory
 
     def engine(self) -> Service:
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
@@ -164,26 +188,40 @@ class Bench:
         up = self.upstream("upstream", UPSTREAM_PORT)
         decode_up = self.upstream("upstream-decode", DECODE_UPSTREAM_PORT, DECODE_DELAY_MS)
         ngx = self.nginx()
-        gateways = {"direct": up, "nginx": ngx, "aiohttp": self.passthrough("aiohttp", AIOHTTP_PORT)}
+        router = self.router("vllm-router", ROUTER_PORT, UPSTREAM_PORT, ROUTER_METRICS_PORT)
+        router_decode = self.router("vllm-router-decode", ROUTER_DECODE_PORT, DECODE_UPSTREAM_PORT,
+                                    ROUTER_DECODE_METRICS_PORT)
+        gateways = {"direct": up, "nginx": ngx, "vllm-router": router,
+                    "aiohttp": self.passthrough("aiohttp", AIOHTTP_PORT)}
         if plan.httpx:
             gateways["httpx"] = self.passthrough("httpx", HTTPX_PORT)
         # nginx serves the decode upstream on its second port: (URL, process tree) per gateway.
-        decode = {"direct": (decode_up.url, decode_up), "nginx": (f"http://127.0.0.1:{NGINX_DECODE_PORT}", ngx)}
+        decode = {"direct": (decode_up.url, decode_up), "nginx": (f"http://127.0.0.1:{NGINX_DECODE_PORT}", ngx),
+                  "vllm-router": (router_decode.url, router_decode)}
         scale: dict[str, Service] = {}
-        servers = [s for s in gateways.values() if s is not up]
+        servers = [s for s in gateways.values() if s is not up] + [router_decode]
         if with_wrapper:
             core = plan.gateway_core
             gateways["wrapper"] = self.wrapper("wrapper", WRAPPER_PORT, UPSTREAM_PORT, core=core)
             wrapper_decode = self.wrapper("wrapper-decode", WRAPPER_DECODE_PORT, DECODE_UPSTREAM_PORT, core=core)
             decode["wrapper"] = (wrapper_decode.url, wrapper_decode)
             servers += [gateways["wrapper"], wrapper_decode]
+            if plan.compare:
+                label, tree = f"wrapper@{plan.compare}", self.compared_tree(plan.compare)
+                gateways[label] = self.wrapper("wrapper-compare", COMPARE_PORT, UPSTREAM_PORT, core=core, root=tree)
+                compare_decode = self.wrapper("wrapper-compare-decode", COMPARE_DECODE_PORT, DECODE_UPSTREAM_PORT,
+                                              core=core, root=tree)
+                decode[label] = (compare_decode.url, compare_decode)
+                servers += [gateways[label], compare_decode]
             if plan.workers:
+                # Each pinned: one worker to the gateway core, N workers to N cores (the gateway core first).
                 scale = {
                     "wrapper-1w": self.wrapper("wrapper-scale-1", WRAPPER_SCALE_ONE_PORT, UPSTREAM_PORT,
-                                               core=None),
+                                               core=core),
                     f"wrapper-{plan.workers}w": self.wrapper(f"wrapper-scale-{plan.workers}",
                                                              WRAPPER_SCALE_MANY_PORT, UPSTREAM_PORT,
-                                                             core=None, workers=plan.workers),
+                                                             core=scale_cores(core, plan.workers),
+                                                             workers=plan.workers),
                 }
                 servers += scale.values()
         with Services() as services:
@@ -205,7 +243,8 @@ class Bench:
                 for name, service in scale.items():
                     cell = Cell(url=service.url, stream=stream, concurrency=SCALE_CONCURRENCY, duration_s=d,
                                 warmup_s=w)
-                    jobs.append(Job("scale-stream" if stream else "scale-nonstream", name, cell, service, False))
+                    jobs.append(Job("scale-stream" if stream else "scale-nonstream", name, cell, service,
+                                    name == "wrapper-1w"))
             self.run_jobs("fake upstream", jobs)
             if plan.profile and with_wrapper:
                 RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -298,8 +337,10 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--engine", action="store_true",
                         help=f"add the real CPU engine cells ({ENGINE_MODEL.relative_to(REPO)}, c=1..32)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="add scale-out cells: the wrapper with WORKERS=N vs WORKERS=1, both unpinned")
+                        help="add scale-out cells: the wrapper with WORKERS=N on N cores vs WORKERS=1 on one")
     parser.add_argument("--httpx", action="store_true", help="add the FastAPI + httpx pass-through for reference")
+    parser.add_argument("--compare", metavar="REF", default=None,
+                        help="also measure the wrapper as it is at git revision REF (e.g. main), in the same cells")
     parser.add_argument("--profile", action="store_true",
                         help="after the matrix, profile the wrapper with py-spy at c=64")
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every cell (default 3; quick: 1)")
@@ -331,11 +372,45 @@ def parse_args(argv: list[str] | None) -> Plan:
         gateway_core=args.gateway_core,
         client_core=1 - args.gateway_core,
         quick=args.quick,
+        compare=args.compare,
     )
 
 
 def nginx_binary() -> str:
     return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def scale_cores(first: int, workers: int) -> str:
+    """taskset's list for `workers` cores starting at `first` (wrapping around the machine's cores)."""
+    count = len(os.sched_getaffinity(0))
+    return ",".join(str((first + i) % count) for i in range(min(workers, count)))
+
+
+def router_binary() -> str | None:
+    """vllm-router's launcher beside this Python (requirements-dev.txt), or on PATH."""
+    beside = Path(PYTHON).parent / "vllm-router"
+    return str(beside) if beside.is_file() else shutil.which("vllm-router")
+
+
+def router_argv(port: int, upstream_port: int, metrics_port: int) -> list[str]:
+    """vllm-router in front of one upstream.
+
+    It waits until `GET /health` answers on each worker before it listens, so the
+    worker URL is the upstream's base URL (no /v1). Round robin over one worker is
+    its cheapest policy (the default, cache_aware, keeps a prefix tree per request).
+    """
+    return [router_binary() or "vllm-router", "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", f"http://127.0.0.1:{upstream_port}", "--policy", "round_robin",
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
+
+
+def export_revision(revision: str, directory: Path) -> None:
+    """The repository's files at `revision` (a commit, branch or tag) into `directory`."""
+    archive = subprocess.run(["git", "archive", "--format=tar", revision], cwd=REPO, capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        raise ServiceError(f"--compare {revision}: git archive failed: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
 
 
 def wrapper_missing() -> str | None:
@@ -350,6 +425,11 @@ def preflight(plan: Plan) -> None:
         sys.exit("bench: needs 2 cores (gateways on one, upstream and clients on the other)")
     if not Path(nginx_binary()).is_file():
         sys.exit("bench: nginx is not installed; install it with `apt-get install -y nginx`")
+    if router_binary() is None:
+        sys.exit("bench: vllm-router is not installed; install it with `.venv/bin/pip install -r requirements-dev.txt`")
+    if plan.compare and subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{plan.compare}^{{commit}}"],
+                                       cwd=REPO, capture_output=True, check=False).returncode != 0:
+        sys.exit(f"bench: --compare {plan.compare}: no such git revision")
     if plan.profile and py_spy() is None:
         sys.exit("bench: --profile needs py-spy; install it with `.venv/bin/pip install py-spy`")
     missing = wrapper_missing()

@@ -1,10 +1,13 @@
 """Start, probe and stop the benchmark's server processes, leaving nothing behind.
 
-Every server (fake upstream, nginx, pass-throughs, the wrapper, the engine) runs
-in its own session (process group), optionally pinned to cores with `taskset`,
-so that stopping it reaches every child (uvicorn workers, the engine's
-processes) and a Ctrl-C in the terminal reaches only the benchmark runner,
-which then stops them in order. `Services` is an ExitStack: whatever was
+Every server (fake upstream, nginx, vllm-router, pass-throughs, the wrapper,
+the engine) runs in its own session (process group), optionally pinned to
+cores with `taskset`, so that stopping it reaches every child and a Ctrl-C in
+the terminal reaches only the benchmark runner, which then stops them in
+order. Some servers put their children in sessions of their own (the
+wrapper's supervisor does, for each worker and the engine): a server's
+processes are therefore its descendants, whatever their process group, both
+for CPU accounting and for stopping. `Services` is an ExitStack: whatever was
 started is stopped when the block ends, by an error, Ctrl-C or SIGTERM alike.
 """
 
@@ -90,7 +93,7 @@ class Service:
             raise ServiceError(f"{self.name} exited with code {code} under load.\n{self._log_tail()}")
 
     def processes(self) -> list[psutil.Process]:
-        """The server process and all its descendants (for CPU accounting)."""
+        """The server process and all its descendants, in any process group (for CPU accounting)."""
         if self.process is None or self.process.poll() is not None:
             return []
         try:
@@ -100,16 +103,31 @@ class Service:
             return []
 
     def stop(self) -> None:
-        """SIGTERM to the whole process group, SIGKILL to whatever is left after STOP_TIMEOUT_S."""
+        """SIGTERM to the whole process group, then to descendants in other groups that outlived it,
+        SIGKILL to whatever is left after STOP_TIMEOUT_S.
+
+        The server stops its own children first where it does (the wrapper's supervisor drains
+        its workers); what it leaves behind is stopped here.
+        """
         if self.process is None:
             return
         pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        tree = self.processes()[1:]
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline and _group_alive(pgid):
             self.process.poll()
             time.sleep(POLL_S)
+        left = _running(tree)
+        for process in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+        while time.monotonic() < deadline and (left := _running(left)):
+            time.sleep(POLL_S)
         _signal_group(pgid, signal.SIGKILL)
+        for process in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         self.process.wait()
         self.process = None
 
@@ -146,6 +164,16 @@ def _group_alive(pgid: int) -> bool:
             if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
                 return True
     return False
+
+
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those not yet ended (zombies are ended); psutil checks start times, so a reused pid is not ours."""
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+    return running
 
 
 def _port_in_use(port: int) -> bool:

@@ -32,6 +32,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    peer: str = ""  # the client's address and port: one per connection
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -91,7 +92,8 @@ class FakeEngine:
             self._runner = None
 
     async def _record(self, request: web.Request) -> Received:
-        received = Received(request.method, request.path, dict(request.headers), await request.read())
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        received = Received(request.method, request.path, dict(request.headers), await request.read(), str(peer))
         self.received.append(received)
         return received
 

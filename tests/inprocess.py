@@ -60,7 +60,9 @@ class Wrapper:
 async def running_wrapper(engine_url: str, **env: str) -> AsyncIterator[Wrapper]:
     """The wrapper in front of `engine_url`; conversations go to a temporary directory unless HF_HOME is given."""
     with tempfile.TemporaryDirectory(prefix="wrapper-") as cache:
-        settings = load_settings({"ENGINE_URL": engine_url, "SERVED_MODEL_NAME": "fake-model", "HF_HOME": cache, **env})
+        # One process here: WORKERS=auto would split the limits as if the machine's cores ran more.
+        settings = load_settings({"ENGINE_URL": engine_url, "SERVED_MODEL_NAME": "fake-model", "HF_HOME": cache,
+                                  "WORKERS": "1", **env})
         async with _serving(settings) as wrapper:
             yield wrapper
 

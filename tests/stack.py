@@ -172,6 +172,8 @@ def start_stack(
     env = {key: value for key, value in os.environ.items() if not _is_setting(key)}
     env.update(CPU_ENGINE_ENV)
     env.update({"MODEL_NAME": str(model), "PORT": str(port), "VLLM_PORT": str(vllm_port), "HOST": "127.0.0.1"})
+    # One wrapper process unless a test asks for more: WORKERS=auto would follow the machine's cores.
+    env.setdefault("WORKERS", "1")
     env.update(extra_env or {})
     env["PYTHON"] = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else env.get("PYTHON", "python3")
     log_file = open(log_path, "wb")

@@ -33,6 +33,8 @@ def default_text(name: str) -> str:
     value = field.default
     if name == "HF_HOME":
         return HOME_DEFAULT
+    if field.default_factory is not None:  # computed at start: the docs show the value that asks for it
+        return str((field.json_schema_extra or {}).get("default_text", ""))
     if value is None:
         return ""
     if isinstance(value, bool):

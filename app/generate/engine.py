@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
-
 from app.errors import APIError, engine_error
 from app.proxy.engine import EngineClient
 from app.proxy.reply import Reply
+from app.proxy.upstream import UpstreamResponse
 
 ChatMessage = dict[str, str]
 JSON_HEADERS = {"content-type": "application/json"}
@@ -28,7 +27,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 class ChatStream:
     """An open streamed chat completion: its text pieces, then usage and finish reason."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: UpstreamResponse) -> None:
         self._content = response.content
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -46,7 +45,7 @@ class ChatStream:
                 if text:
                     yield text  # type: ignore[misc]
                 line = await self._content.readline()
-        except ValueError:  # aiohttp: a line longer than its buffer
+        except ValueError:  # a line longer than the client's buffer
             raise APIError(502, "The engine sent a stream event too long to read.", code="engine_error",
                            cause="engine_error") from None
 

@@ -46,6 +46,7 @@ from app.generate.store import Conversation, ConversationStore, ConversationStor
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
 from app.proxy.reply import DONE, SSE_HEADERS, Reply, serve_exchange
+from app.request_progress import progress_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class ExchangeResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await serve_exchange(send, receive, scope["state"]["record"], self._work)
+        await serve_exchange(send, receive, scope["state"]["record"], self._work, progress_of(scope))
 
 
 class GenerateService:

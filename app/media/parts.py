@@ -67,7 +67,11 @@ def visit_conversations(value: Any, path: str, walk: Walk) -> None:
         return
     for i, item in enumerate(value):
         if isinstance(item, dict):
-            visit_message(item, f"{path}[{i}]", walk)
+            if isinstance(item.get("content"), str):  # visit_message's first case, without formatting a path
+                walk.text += 1
+                walk.vouch(item)
+            else:
+                visit_message(item, f"{path}[{i}]", walk)
         elif isinstance(item, list):
             for j, message in enumerate(item):
                 if isinstance(message, dict):

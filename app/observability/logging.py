@@ -9,27 +9,40 @@ and `message`, plus the record's extra fields.
 Secrets are never passed to a logger; as a second line of defence a filter on
 that handler replaces the values of known secrets (HF_TOKEN, API keys) in
 messages, arguments, extra fields and tracebacks.
+
+The wrapper writes one line per request, so a line must be cheap: the JSON
+formatter is a dict and one `json.dumps` (a second's timestamp prefix is
+formatted once), records skip the caller lookup (no line shows it), and the
+handler writes the lines of one event-loop iteration in one `write` at its
+end rather than one `write` each. `log_fields`, for the per-request line,
+skips the LogRecord when that handler is the line's only way out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import json
 import logging
 import logging.config
 import re
+import threading
+import time
 from collections.abc import Iterable
-from typing import Any
-
-from pythonjsonlogger.core import RESERVED_ATTRS
-from pythonjsonlogger.json import JsonFormatter
+from itertools import islice
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from typing import Any, TextIO
 
 REDACTED = "[REDACTED]"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ENGINE_LOGGER = "engine"
 
-# uvicorn attaches an ANSI-coloured copy of some messages; it is noise in a log store.
-_SKIPPED_EXTRAS = frozenset(RESERVED_ATTRS) | {"color_message", "taskName"}
 # Attributes every LogRecord has; anything else on a record is an extra field.
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn attaches an ANSI-coloured copy of some messages; it is noise in a log store.
+_SKIPPED_EXTRAS = _STANDARD_ATTRS | {"color_message", "taskName"}
+# A record's own attributes come first in its __dict__, its extra fields after them.
+_OWN_ATTRS = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
 
 
 def _writable(line: str) -> str:
@@ -52,11 +65,172 @@ class TextFormatter(logging.Formatter):
         return _writable(f"{line} {extras}" if extras else line)
 
 
-class JsonLineFormatter(JsonFormatter):
-    """python-json-logger's formatter, with lines that can always be written as UTF-8."""
+def _json_value(value: object) -> object:
+    """What json cannot encode by itself: dates as ISO 8601, anything else as its str()."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
+def _dumps(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, ensure_ascii=False, default=_json_value)
+
+
+# json.dumps(...) above builds this C encoder for every call: built once here (when Python has it).
+if c_make_encoder is not None:
+    _encoder = c_make_encoder(None, _json_value, encode_basestring, None, ": ", ", ", False, False, True)
+
+    def _dumps(fields: dict[str, Any]) -> str:
+        return "".join(_encoder(fields, 0))
+
+
+class JsonLineFormatter(logging.Formatter):
+    """`timestamp` (ISO 8601, UTC), `level`, `logger`, `message`, then the record's extra fields, in one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def timestamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int((created - second) * 1e6):06d}+00:00"
+
+    def format_fields(self, fields: dict[str, Any]) -> str:
+        line = _dumps(fields)
+        return line if line.isascii() else _writable(line)
 
     def format(self, record: logging.LogRecord) -> str:
-        return _writable(super().format(record))
+        fields: dict[str, Any] = {
+            "timestamp": self.timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in islice(record.__dict__.items(), _OWN_ATTRS, None):
+            if key not in _SKIPPED_EXTRAS:
+                fields[key] = value
+        if record.exc_info:
+            fields["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            fields["exc_info"] = record.exc_text
+        if record.stack_info:
+            fields["stack_info"] = self.formatStack(record.stack_info)
+        return self.format_fields(fields)
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the lines of one event-loop iteration together, at its end.
+
+    Outside an event loop (another thread, before or after the loop) a line is
+    written at once, after any that wait, so lines keep their order.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - logging's rule: a handler reports its errors, never raises them
+            self.handleError(record)
+            return
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        """Queue one formatted line (with its terminator); the caller holds the lock, as `emit`'s does."""
+        loop = self._loop
+        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():
+            # Another thread, or no loop known yet: ask (Python 3.11 makes a getpid syscall for it).
+            loop = asyncio._get_running_loop()
+            if loop is not None:
+                self._loop, self._loop_thread = loop, threading.get_ident()
+        if loop is None:
+            self._pending.append(line)
+            self.flush()
+            return
+        self._pending.append(line)
+        if self._flush_on is not loop:  # not yet scheduled on this loop (or on one that has since closed)
+            self._flush_on = loop
+            loop.call_soon(self._flush_from_loop)
+
+    def _flush_from_loop(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._flush_on = None
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._pending:
+                text, self._pending = "".join(self._pending), []
+                try:
+                    self.stream.write(text)
+                except Exception:  # noqa: BLE001 - a closed or broken stream: a handler never raises
+                    return
+            super().flush()
+
+
+def log_fields(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
+    """`logger.log(level, message, extra=fields)`, without a LogRecord when it can do without.
+
+    That is when the line's only way out is one `LineHandler` with the JSON
+    format on the root logger, the configuration `configure_logging` makes,
+    and no logger on the way filters: the line is formatted straight from
+    `fields`, redacted like any other. Anything else (text format, a handler
+    added by a test or a library) gets the record.
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _sole_json_handler(logger, level)
+    if handler is None:
+        logger.log(level, message, extra=fields)
+        return
+    line: dict[str, Any] = {
+        "timestamp": handler.formatter.timestamp(time.time()),  # type: ignore[union-attr]
+        "level": logging.getLevelName(level),
+        "logger": logger.name,
+        "message": message,
+    }
+    line.update(fields)
+    if _SECRET_FILTER.active:
+        line = _SECRET_FILTER._redact_value(line)
+    try:
+        text = handler.formatter.format_fields(line) + handler.terminator  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - the record's path reports the error as logging does
+        logger.log(level, message, extra=fields)
+        return
+    with handler.lock:  # type: ignore[union-attr]
+        handler.write_line(text)
+
+
+def _sole_json_handler(logger: logging.Logger, level: int) -> LineHandler | None:
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        if current.parent is None or not current.propagate:
+            break
+        if current.handlers:
+            return None
+        current = current.parent
+    if current is None or current.parent is not None or len(current.handlers) != 1:
+        return None
+    handler = current.handlers[0]
+    if (
+        type(handler) is not LineHandler
+        or type(handler.formatter) is not JsonLineFormatter
+        or level < handler.level
+        or any(f is not _SECRET_FILTER for f in handler.filters)
+    ):
+        return None
+    return handler
 
 
 def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.Formatter:
@@ -70,15 +244,7 @@ def build_formatter(log_format: str, use_colors: bool | None = None) -> logging.
         return TextFormatter(TEXT_FORMAT)
     if log_format != "json":
         raise ValueError(f"LOG_FORMAT={log_format!r} is not supported; use json or text")
-    return JsonLineFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
-        # timestamp=True adds the key last; the default puts it first in each line.
-        defaults={"timestamp": None},
-        timestamp=True,
-        reserved_attrs=sorted(_SKIPPED_EXTRAS),
-        json_ensure_ascii=False,
-    )
+    return JsonLineFormatter()
 
 
 class SecretRedactionFilter(logging.Filter):
@@ -91,6 +257,10 @@ class SecretRedactionFilter(logging.Filter):
     def set_secrets(self, secrets: Iterable[str]) -> None:
         values = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
+
+    @property
+    def active(self) -> bool:
+        return self._pattern is not None
 
     def redact(self, text: str) -> str:
         return text if self._pattern is None else self._pattern.sub(REDACTED, text)
@@ -158,7 +328,7 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
         "filters": {"redact_secrets": {"()": f"{__name__}.secret_redaction_filter"}},
         "handlers": {
             "stdout": {
-                "class": "logging.StreamHandler",
+                "class": f"{__name__}.LineHandler",
                 "stream": "ext://sys.stdout",
                 "formatter": "default",
                 "filters": ["redact_secrets"],
@@ -176,9 +346,10 @@ def uvicorn_log_config(log_format: str, level: str) -> dict[str, Any]:
 def configure_logging(log_format: str, level: str) -> None:
     """Send every logger of this process to stdout in LOG_FORMAT at LOG_LEVEL; safe to call again."""
     logging.config.dictConfig(uvicorn_log_config(log_format, level))
-    # No line shows the process, thread or multiprocessing name: skip the lookups
-    # (a getpid syscall among them) that every LogRecord would otherwise make.
+    # No line shows the process, thread or multiprocessing name, nor the caller's file and
+    # line: skip the lookups (a getpid syscall, a walk up the stack) every LogRecord would make.
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None  # the documented switch for the caller lookup
     # Python warnings become log records too, instead of raw text on stderr.
     logging.captureWarnings(True)
 

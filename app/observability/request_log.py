@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from app.observability.logging import log_fields
 from app.observability.record import RequestRecord
 
 ACCESS_LOGGER = "app.access"
@@ -66,4 +67,5 @@ def log_request(record: RequestRecord, probe: bool = False) -> None:
         level = logging.WARNING
     else:
         level = logging.INFO
-    _access_logger.log(level, "request", extra=request_summary(record))
+    if _access_logger.isEnabledFor(level):
+        log_fields(_access_logger, level, "request", request_summary(record))

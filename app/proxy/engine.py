@@ -14,24 +14,33 @@ deadline reads the same on every route: the same status, `code` and sentence.
   answers 503 `drain_timeout` (an error event when a stream already began).
   New calls are refused the same way.
 
-aiohttp is the client because it was measured to relay chunks several times
-faster than httpx under concurrency (see bench/README.md). The session keeps
-no cookies: a cookie the engine sets belongs to the client that got it.
+Exchanges go over `app.proxy.upstream`, a small keep-alive HTTP/1.1 client
+for this one trusted address: aiohttp's client cost about 40% of the relay's
+CPU (see the README's Performance section). It keeps no cookies: a cookie the
+engine sets belongs to the client that got it. The cold paths (readiness
+probes, /metrics, /info) use an aiohttp session.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from app.config import Settings
 from app.errors import APIError, unavailable
 from app.lifecycle.status import Phase
+from app.proxy.upstream import (
+    ConnectFailed,
+    ConnectionClosed,
+    ExchangeTimeout,
+    Headers,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from app.readiness import Readiness
 
 FACTS_TIMEOUT_S = 2.0
@@ -43,10 +52,9 @@ class EngineClient:
         self._settings = settings
         self._readiness = readiness
         self._remote = settings.ENGINE_URL is not None
-        self._request_timeout = aiohttp.ClientTimeout(total=settings.REQUEST_TIMEOUT_S)
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=settings.REQUEST_TIMEOUT_S, sock_read=settings.STREAM_IDLE_TIMEOUT_S
-        )
+        self._total_s = settings.REQUEST_TIMEOUT_S
+        self._idle_s = settings.STREAM_IDLE_TIMEOUT_S
+        self._pool = UpstreamPool(self.url)
         self._session: aiohttp.ClientSession | None = None
         # Tasks inside `call`, and those that abort_all cancelled.
         self._calls: set[asyncio.Task[Any]] = set()
@@ -63,6 +71,7 @@ class EngineClient:
         self._readiness.bind(self._session)
 
     async def close(self) -> None:
+        self._pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -71,76 +80,44 @@ class EngineClient:
         assert self._session is not None, "EngineClient.start() was not called"
         return self._session
 
-    @asynccontextmanager
-    async def call(
+    def call(
         self,
         method: str,
         path: str,
         *,
         body: bytes | None = None,
-        headers: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        headers: Mapping[str, str] | Headers | None = None,
         stream: bool = False,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One exchange with the engine; every failure inside, reading included, becomes an `APIError`.
+    ) -> Exchange:
+        """One exchange with the engine, as `async with client.call(...) as response:`.
 
-        `path` is already encoded, query string included.
+        Every failure inside, reading included, becomes an `APIError`. `path`
+        is already encoded, query string included. With `stream`, the engine
+        may also be silent for at most STREAM_IDLE_TIMEOUT_S at a time.
         """
-        if self._aborted:
-            raise self._drain_error()
-        task = asyncio.current_task()
-        assert task is not None
-        self._calls.add(task)
-        try:
-            response = await self._send(method, path, body, headers, stream)
-            try:
-                yield response
-            finally:
-                if response.status >= 500:
-                    response.close()  # the engine may drop a connection after a failure: never reuse it
-                else:
-                    response.release()
-        except asyncio.CancelledError:
+        if isinstance(headers, Mapping):
+            headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        return Exchange(self, method, path, body, headers or (), stream)
+
+    async def _failure(self, error: BaseException, task: asyncio.Task[Any]) -> BaseException:
+        """The error to raise for `error` during an exchange (`error` itself when it is not the engine's)."""
+        if isinstance(error, asyncio.CancelledError):
             if task not in self._drained:
-                raise  # the client left: the caller handles it
+                return error  # the client left: the caller handles it
             task.uncancel()
-            raise self._drain_error() from None
-        except asyncio.TimeoutError as error:
-            raise self._timeout_error(error, stream) from None
-        except aiohttp.ClientConnectorError:
+            return self._drain_error()
+        if isinstance(error, ExchangeTimeout):
+            return self._timeout_error(error.idle)
+        if isinstance(error, ConnectFailed):
             self._readiness.mark_engine_failed()
-            raise await self.unreachable_error() from None
-        except (aiohttp.ClientError, OSError):
+            return await self.unreachable_error()
+        if isinstance(error, (UpstreamError, OSError)):
             self._readiness.mark_engine_failed()
-            raise APIError(
+            return APIError(
                 502, "The engine closed the connection before the response was complete; it may have crashed.",
                 code="engine_error", cause="engine_error",
-            ) from None
-        finally:
-            self._calls.discard(task)
-
-    async def _send(
-        self, method: str, path: str, body: bytes | None, headers: Any, stream: bool
-    ) -> aiohttp.ClientResponse:
-        """Send the request; once more on a new connection when a pooled one turns out closed.
-
-        The engine closes idle keep-alive connections after a few seconds, and
-        one it closed can still be handed out by the pool: the request then
-        fails before it reached the engine. A second failure is the engine's.
-        """
-        for attempt in (1, 2):
-            try:
-                return await self.session.request(
-                    method,
-                    URL(self.url + path, encoded=True),
-                    data=body,
-                    headers=headers,
-                    timeout=self._stream_timeout if stream else self._request_timeout,
-                    allow_redirects=False,
-                )
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as error:
-                if attempt == 2 or isinstance(error, aiohttp.ClientConnectorError):
-                    raise
-        raise AssertionError("unreachable")
+            )
+        return error
 
     def abort_all(self) -> int:
         """The drain deadline: end every open exchange and refuse new ones; returns how many were open.
@@ -193,8 +170,8 @@ class EngineClient:
             cause="engine_error", headers={"Retry-After": "5"},
         )
 
-    def _timeout_error(self, error: BaseException, stream: bool) -> APIError:
-        if stream and isinstance(error, aiohttp.ServerTimeoutError):
+    def _timeout_error(self, idle: bool) -> APIError:
+        if idle:
             limit = f"STREAM_IDLE_TIMEOUT_S={self._settings.STREAM_IDLE_TIMEOUT_S:g}"
             what = "sent nothing for too long"
         else:
@@ -211,3 +188,73 @@ class EngineClient:
             "retry on another replica.",
             code="drain_timeout",
         )
+
+
+class Exchange:
+    """`EngineClient.call`'s context: the response inside, its connection released and failures mapped on exit.
+
+    A class rather than a generator-based context manager: it is entered on
+    every relayed request.
+    """
+
+    __slots__ = ("_body", "_client", "_headers", "_method", "_path", "_response", "_stream", "_task")
+
+    def __init__(self, client: EngineClient, method: str, path: str, body: bytes | None, headers: Headers,
+                 stream: bool) -> None:
+        self._client = client
+        self._method = method
+        self._path = path
+        self._body = body
+        self._headers = headers
+        self._stream = stream
+        self._response: UpstreamResponse | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        client = self._client
+        if client._aborted:
+            raise client._drain_error()
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        client._calls.add(task)
+        try:
+            self._response = await self._send()
+        except BaseException as error:
+            client._calls.discard(task)
+            mapped = await client._failure(error, task)
+            if mapped is error:
+                raise
+            raise mapped from None
+        return self._response
+
+    async def _send(self) -> UpstreamResponse:
+        """Send the request; once more on a new connection when the engine closed the first before answering.
+
+        The engine closes idle keep-alive connections after a few seconds, and
+        one it closed can still be taken from the pool before the close is
+        seen: the request then fails before it reached the engine. A second
+        failure is the engine's.
+        """
+        client = self._client
+        idle_s = client._idle_s if self._stream else None
+        try:
+            return await client._pool.send(
+                self._method, self._path, self._headers, self._body, total_s=client._total_s, idle_s=idle_s
+            )
+        except ConnectionClosed:
+            return await client._pool.send(
+                self._method, self._path, self._headers, self._body, total_s=client._total_s, idle_s=idle_s,
+                fresh=True,
+            )
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> bool:
+        client = self._client
+        assert self._response is not None and self._task is not None
+        client._pool.release(self._response)
+        client._calls.discard(self._task)
+        if error is None:
+            return False
+        mapped = await client._failure(error, self._task)
+        if mapped is error:
+            return False
+        raise mapped from None

@@ -1,7 +1,7 @@
 """Engine slots and the drain: one owner for both.
 
 Every request that makes the engine work (`/v1` inference routes, `/generate`)
-holds a slot from `Gateway.admit()` for its whole life: from before its body
+holds a slot from `Gateway.enter()` to `Gateway.leave()` for its whole life: from before its body
 is read until its last byte is sent. So the slots bound everything costly a
 request does (its body in memory, JSON parsing, media fetches and decoding,
 the engine's work), and the drain knows exactly what is still running.
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from app.config import Settings
 from app.errors import APIError, unavailable
@@ -60,18 +59,19 @@ class Gateway:
         """Requests holding or waiting for a slot."""
         return self._admission.in_flight + self._admission.queued
 
-    @asynccontextmanager
-    async def admit(self, record: RequestRecord) -> AsyncIterator[None]:
-        """Hold an engine slot, after waiting in line for it; 503 while draining, 429/503 when full."""
+    async def enter(self, record: RequestRecord) -> None:
+        """Take an engine slot, after waiting in line for it; 503 while draining, 429/503 when full.
+
+        Whoever entered must `leave()` (in a `finally`).
+        """
         if self._draining:
             raise draining_error()
         record.queue_wait_s = await self._admission.acquire()
         metrics.request_started()
-        try:
-            yield
-        finally:
-            metrics.request_finished()
-            self._admission.release()
+
+    def leave(self) -> None:
+        metrics.request_finished()
+        self._admission.release()
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; safe to call from a signal handler."""

@@ -23,8 +23,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
-
 from app.auth import header
 from app.config import Settings
 from app.errors import APIError, openai_error_body
@@ -32,7 +30,9 @@ from app.media.service import MediaService
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
 from app.proxy.reply import DONE, Reply, serve_exchange
+from app.proxy.upstream import UpstreamResponse
 from app.proxy.usage import UsageFilter, read_json_usage
+from app.request_progress import progress_of
 from app.routes import Route, canonical_path
 
 Scope = dict[str, Any]
@@ -45,12 +45,13 @@ HOP_BY_HOP = frozenset(
         b"expect",
     }
 )
-RESPONSE_SKIP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"})
+RESPONSE_SKIP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server"})
 
 
 class Relay:
     def __init__(self, settings: Settings, engine: EngineClient, media: MediaService) -> None:
         self._engine = engine
+        self._engine_url = engine.url.encode("latin-1")
         self._media = media
         self._served_model = settings.served_model_name
         self._served_names = frozenset(settings.served_model_names)
@@ -64,7 +65,7 @@ class Relay:
             await self._forward(reply, scope, prepared, record, strip_usage)
 
         try:
-            await serve_exchange(send, receive, record, relay)
+            await serve_exchange(send, receive, record, relay, progress_of(scope))
         finally:
             record.finished = time.perf_counter()
 
@@ -111,33 +112,34 @@ class Relay:
                 await reply.start(response.status, headers)
                 await self._relay_stream(reply, response, record, strip_usage)
                 return
-            payload = await response.read()
-            record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
+            payload = answer = await response.read()
             if response.status >= 400:
                 record.error_cause = "engine_error" if response.status >= 500 else "client_error"
                 reshaped = openai_error_body(response.status, payload)
                 if reshaped is not None:
-                    payload = reshaped
+                    answer = reshaped
                     headers = [item for item in headers if item[0] != b"content-type"]
                     headers.append((b"content-type", b"application/json"))
-            headers.append((b"content-length", str(len(payload)).encode()))
+            headers.append((b"content-length", str(len(answer)).encode()))
             await reply.start(response.status, headers)
-            await reply.finish(payload)
+            await reply.finish(answer)
+            # The client has its answer (the write happened above): the counting is off its path.
+            record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
 
-    def _response_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
         headers = []
-        for name, value in response.headers.items():
+        for name, value in response.headers:
             lower = name.lower()
             if lower in RESPONSE_SKIP:
                 continue
-            if lower == "location" and value.startswith(self._engine.url):
+            if lower == b"location" and value.startswith(self._engine_url):
                 # The engine's own address means nothing to a client: make the redirect relative.
-                value = value[len(self._engine.url):] or "/"
-            headers.append((lower.encode("latin-1"), value.encode("latin-1")))
+                value = value[len(self._engine_url):] or b"/"
+            headers.append((lower, value))
         return headers
 
     async def _relay_stream(
-        self, reply: Reply, response: aiohttp.ClientResponse, record: RequestRecord, strip_usage: bool
+        self, reply: Reply, response: UpstreamResponse, record: RequestRecord, strip_usage: bool
     ) -> None:
         content = response.content
         usage = UsageFilter(strip=strip_usage)
@@ -200,11 +202,7 @@ def _query(scope: Scope) -> str:
     return "?" + query.decode("latin-1") if query else ""
 
 
-def _forward_headers(scope: Scope, request_id: str) -> list[tuple[str, str]]:
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in scope["headers"]
-        if name not in HOP_BY_HOP and name != b"x-request-id"
-    ]
-    headers.append(("x-request-id", request_id))
+def _forward_headers(scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
+    headers = [(name, value) for name, value in scope["headers"] if name not in HOP_BY_HOP and name != b"x-request-id"]
+    headers.append((b"x-request-id", request_id.encode("latin-1")))
     return headers

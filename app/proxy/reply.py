@@ -11,7 +11,9 @@ behave the same when things go wrong:
   never a silent cut;
 - a client that disconnects cancels the task serving it, which closes the
   engine connection, so the engine aborts the generation (status 499 in the
-  log line).
+  log line). The wrapper's server says so through the request's
+  `RequestProgress`; under another server a watcher task waits for
+  `http.disconnect`.
 
 `serve_exchange` runs one exchange with these rules; `Reply` is what it
 hands the work: the ASGI `send` plus what was sent and whether the client left.
@@ -25,6 +27,7 @@ from typing import Any
 
 from app.errors import APIError
 from app.observability.record import RequestRecord
+from app.request_progress import RequestProgress
 
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
@@ -43,26 +46,38 @@ def error_event(error: APIError) -> bytes:
 class Reply:
     """The response to one client, and whether that client is still there.
 
-    A watcher task waits for `http.disconnect` and cancels the serving task.
-    It only fires while armed, i.e. before the last message is handed to the
+    A client that leaves cancels the serving task: `progress` calls back when
+    the server has one, else a watcher task waits for `http.disconnect`. It
+    only fires while armed, i.e. before the last message is handed to the
     server, so a cancellation always lands inside `serve_exchange`.
     """
 
-    def __init__(self, send: Any, receive: Any, task: asyncio.Task[Any]) -> None:
+    def __init__(self, send: Any, receive: Any, task: asyncio.Task[Any], progress: RequestProgress | None) -> None:
         self.send = send
         self.started = False
         self.completed = False
         self.client_gone = False
         self._armed = True
-        self._watcher = task.get_loop().create_task(self._watch(receive, task))
+        self._task = task
+        self._progress = progress
+        self._watcher: asyncio.Task[None] | None = None
+        if progress is None:
+            self._watcher = task.get_loop().create_task(self._watch(receive))
+        elif progress.disconnected:
+            self._client_left()
+        else:
+            progress.on_disconnect = self._client_left
 
-    async def _watch(self, receive: Any, task: asyncio.Task[Any]) -> None:
+    def _client_left(self) -> None:
+        if self._armed:
+            self.client_gone = True
+            self._task.cancel()
+
+    async def _watch(self, receive: Any) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if self._armed:
-                    self.client_gone = True
-                    task.cancel()
+                self._client_left()
                 return
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -107,21 +122,24 @@ class Reply:
 
     def close(self) -> None:
         self._armed = False
-        # Once the response is complete, the server answers the pending `receive`
-        # with http.disconnect and the watcher ends by itself. Cancelling it would
-        # leave a CancelledError whose traceback ties the request's objects into
-        # a reference cycle, which only the garbage collector can free.
-        if not self.completed:
+        if self._progress is not None:
+            self._progress.on_disconnect = None  # the callback would tie the request's objects to its scope
+        elif not self.completed and self._watcher is not None:
+            # Once the response is complete, the server answers the pending `receive`
+            # with http.disconnect and the watcher ends by itself. Cancelling it would
+            # leave a CancelledError whose traceback ties the request's objects into
+            # a reference cycle, which only the garbage collector can free.
             self._watcher.cancel()
 
 
 async def serve_exchange(
-    send: Any, receive: Any, record: RequestRecord, work: Callable[[Reply], Awaitable[None]]
+    send: Any, receive: Any, record: RequestRecord, work: Callable[[Reply], Awaitable[None]],
+    progress: RequestProgress | None = None,
 ) -> None:
     """Run `work` for one client: its `APIError`s answered, a client that leaves logged as 499."""
     task = asyncio.current_task()
     assert task is not None
-    reply = Reply(send, receive, task)
+    reply = Reply(send, receive, task, progress)
     try:
         await work(reply)
     except APIError as error:

@@ -6,9 +6,10 @@ exact source is the engine's usage block. When a client did not ask for it
 takes that extra event back out of the byte stream before relaying, so the
 client receives exactly the stream it asked for.
 
-Per chunk this costs a suffix test and a substring search; events are only
-split and parsed in a chunk that mentions `"usage"` (the one with the usage
-block, or each chunk with per-chunk usage when the client asked for it).
+Per chunk this costs a suffix test and a substring search; only the events
+that mention `"usage"` are cut out and parsed (the one with the usage block,
+or each chunk's with per-chunk usage when the client asked for it). A JSON
+reply's usage is parsed alone, from the last `"usage"` key on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 
 USAGE_KEY = b'"usage"'
 EVENT_END = b"\n\n"
+_DECODER = json.JSONDecoder()
 
 
 class UsageFilter:
@@ -38,10 +40,18 @@ class UsageFilter:
         if start < 0:
             return chunk
         kept: list[bytes] = []
-        for event in chunk.split(EVENT_END)[:-1]:
-            usage_event = USAGE_KEY in event and self._read_usage(event)
-            if not (usage_event and self.strip):
-                kept.append(event + EVENT_END)
+        position = 0  # chunk[:position] is decided
+        while start >= 0:
+            begin = chunk.rfind(EVENT_END, 0, start)
+            begin = 0 if begin < 0 else begin + len(EVENT_END)
+            end = chunk.find(EVENT_END, start) + len(EVENT_END)  # the chunk ends with an event's end
+            if self._read_usage(chunk[begin : end - len(EVENT_END)]) and self.strip:
+                kept.append(chunk[position:begin])
+                position = end
+            start = chunk.find(USAGE_KEY, end)
+        if not position:
+            return chunk
+        kept.append(chunk[position:])
         return b"".join(kept)
 
     def flush(self) -> bytes:
@@ -87,9 +97,22 @@ def _token_counts(usage: dict[str, object]) -> tuple[int | None, int | None]:
 
 
 def read_json_usage(body: bytes) -> tuple[int | None, int | None]:
-    """(prompt_tokens, completion_tokens) of a JSON reply (embeddings and score replies have prompt tokens only)."""
-    if USAGE_KEY not in body:
+    """(prompt_tokens, completion_tokens) of a JSON reply (embeddings and score replies have prompt tokens only).
+
+    Replies end with their usage object: it is parsed alone, from the last
+    `"usage":` on; the whole body only when that is not an object.
+    """
+    start = body.rfind(USAGE_KEY)
+    if start < 0:
         return None, None
+    value = body[start + len(USAGE_KEY) :].lstrip()
+    if value.startswith(b":"):
+        try:
+            usage, _ = _DECODER.raw_decode(value[1:].lstrip().decode())
+        except (ValueError, UnicodeDecodeError):
+            usage = None
+        if isinstance(usage, dict):
+            return _token_counts(usage)
     try:
         usage = _usage_of(json.loads(body))
     except ValueError:

@@ -12,12 +12,14 @@ from bench.report import Outcome, Results, evaluate_targets, from_json, markdown
 
 
 def results_with(cells: dict[tuple[str, str, int], list[dict[str, float]]]) -> Results:
+    """Cells whose repeats have these figures; `gateway_cpu` (share of a core) defaults to 1.0."""
     results = Results(started="2026-01-01T00:00:00+00:00", commit="abc", machine={"cpus": 2}, plan={"repeats": 3})
     for (scenario, gateway, c), repeats in cells.items():
         for rep, metrics in enumerate(repeats):
-            summary = {"chunks_per_s": 0.0, "requests_per_s": 0.0, "errors": 0, **metrics}
-            results.add(scenario, gateway, c, rep, summary, {"gateway_cpu": 1.0, "core0_busy": 1.0, "core1_busy": 0.5},
-                        "gateway", {})
+            figures = dict(metrics)
+            cpu = {"gateway_cpu": figures.pop("gateway_cpu", 1.0), "core0_busy": 1.0, "core1_busy": 0.5}
+            summary = {"chunks_per_s": 0.0, "requests_per_s": 0.0, "errors": 0, **figures}
+            results.add(scenario, gateway, c, rep, summary, cpu, "gateway", {})
     return results
 
 
@@ -25,31 +27,39 @@ def outcome(results: Results, prefix: str) -> Outcome:
     return next(o for o in evaluate_targets(results) if o.target.startswith(prefix))
 
 
-def test_ratio_targets_use_the_median_of_paired_repeats() -> None:
+def test_cost_targets_compare_cpu_per_request_with_the_peer_in_paired_repeats() -> None:
     results = results_with({
-        ("stream", "wrapper", 64): [{"chunks_per_s": 50.0}, {"chunks_per_s": 70.0}, {"chunks_per_s": 90.0}],
-        ("stream", "nginx", 64): [{"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}],
-        ("nonstream", "wrapper", 64): [{"requests_per_s": 150.0}] * 3,
-        ("nonstream", "aiohttp", 64): [{"requests_per_s": 100.0}] * 3,
+        # 1.0 of a core: 1e6 / rate µs per request.
+        ("nonstream", "wrapper", 64): [{"requests_per_s": 5000.0}, {"requests_per_s": 4000.0},
+                                       {"requests_per_s": 8000.0}],
+        ("nonstream", "vllm-router", 64): [{"requests_per_s": 10000.0}] * 3,
+        # The peer used half a core: its cost per request is half of what its rate alone says.
+        ("stream", "wrapper", 64): [{"requests_per_s": 1000.0}] * 3,
+        ("stream", "vllm-router", 64): [{"requests_per_s": 1000.0, "gateway_cpu": 0.5}] * 3,
     })
 
-    streaming = outcome(results, "Streaming chunk rate vs nginx")
-    non_streaming = outcome(results, "Non-streaming requests/s")
+    non_streamed = outcome(results, "Non-streamed CPU per request vs vllm-router")
+    streamed = outcome(results, "Streamed CPU per request (64 chunks) vs vllm-router")
 
-    assert (streaming.result, streaming.value, streaming.low, streaming.high) == ("PASS", 0.7, 0.5, 0.9)
-    assert (non_streaming.result, non_streaming.value) == ("FAIL", 1.5)
+    # Wrapper / peer CPU per request: 200/100, 250/100, 125/100 µs.
+    assert (non_streamed.result, non_streamed.value, non_streamed.low, non_streamed.high) == ("PASS", 2.0, 1.25, 2.5)
+    assert (streamed.result, streamed.value) == ("FAIL", 2.0)
 
 
 def test_difference_targets_and_missing_cells() -> None:
     results = results_with({
         ("stream", "wrapper", 1): [{"ttft_ms_p50": 1.0}, {"ttft_ms_p50": 0.7}],
-        ("stream", "direct", 1): [{"ttft_ms_p50": 0.3}, {"ttft_ms_p50": 0.3}],
+        ("stream", "vllm-router", 1): [{"ttft_ms_p50": 0.6}, {"ttft_ms_p50": 0.6}],
+        ("nonstream", "wrapper", 1): [{"latency_ms_p50": 0.65}] * 2,
+        ("nonstream", "vllm-router", 1): [{"latency_ms_p50": 0.6}] * 2,
     })
 
-    added = outcome(results, "Added TTFT")
+    streamed = outcome(results, "Streamed TTFT at c=1 over vllm-router's")
+    non_streamed = outcome(results, "Non-streamed latency at c=1 over vllm-router's")
 
-    assert added.result == "FAIL"
-    assert added.value == pytest.approx(0.55)  # median of the paired differences 0.7 and 0.4
+    assert streamed.result == "FAIL"
+    assert streamed.value == pytest.approx(0.25)  # median of the paired differences 0.4 and 0.1
+    assert non_streamed.result == "PASS" and non_streamed.value == pytest.approx(0.05)
     assert outcome(results, "Decode (5 ms/token, c=64): chunk rate").result == "not measured"
     assert outcome(results, "Real CPU engine").result == "not measured"
 
@@ -71,14 +81,17 @@ def test_engine_target_is_decided_by_the_worst_concurrency() -> None:
 def test_write_produces_markdown_json_and_plots(tmp_path: Path) -> None:
     results = results_with({
         ("stream", gateway, c): [{"chunks_per_s": rate * c, "ttft_ms_p50": 1.0, "ttft_ms_p99": 2.0}] * 3
-        for gateway, rate in (("direct", 300.0), ("nginx", 200.0), ("wrapper", 150.0)) for c in (1, 64)
+        for gateway, rate in (("direct", 300.0), ("vllm-router", 200.0), ("wrapper", 150.0), ("wrapper@main", 100.0))
+        for c in (1, 64)
     })
 
     paths = write(results, tmp_path)
 
     assert {p.name for p in paths} == {"latest.md", "latest.json", "throughput.png", "latency.png"}
     markdown = (tmp_path / "latest.md").read_text()
-    assert "| Streaming chunk rate vs nginx" in markdown and "**PASS**" in markdown
+    assert "| Streamed CPU per request (64 chunks) vs vllm-router" in markdown and "**PASS**" in markdown
+    # The revision measured with --compare gets its own column and ratio.
+    assert "| wrapper@main |" in markdown and "wrapper / wrapper@main" in markdown
     data = json.loads((tmp_path / "latest.json").read_text())
     cell = next(c for c in data["cells"]
                 if (c["scenario"], c["gateway"], c["concurrency"]) == ("stream", "wrapper", 64))
@@ -108,15 +121,15 @@ def test_profile_stacks_reduce_to_self_and_total_shares() -> None:
 
 def test_stalled_repeats_are_left_out() -> None:
     results = results_with({
-        ("stream", "wrapper", 64): [{"chunks_per_s": 70.0}, {"chunks_per_s": 80.0}],
-        ("stream", "nginx", 64): [{"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}],
+        ("decode", "wrapper", 64): [{"chunks_per_s": 70.0}, {"chunks_per_s": 80.0}],
+        ("decode", "direct", 64): [{"chunks_per_s": 100.0}, {"chunks_per_s": 100.0}],
     })
     # The machine froze during the third repeat: nothing ended, nothing failed.
-    results.add("stream", "wrapper", 64, 2, {"chunks_per_s": 0.0, "requests": 0, "errors": 0}, {}, "stalled", {})
-    results.add("stream", "nginx", 64, 2, {"chunks_per_s": 0.0, "requests": 0, "errors": 0}, {}, "stalled", {})
+    results.add("decode", "wrapper", 64, 2, {"chunks_per_s": 0.0, "requests": 0, "errors": 0}, {}, "stalled", {})
+    results.add("decode", "direct", 64, 2, {"chunks_per_s": 0.0, "requests": 0, "errors": 0}, {}, "stalled", {})
 
-    assert results.median("stream", "wrapper", 64, "chunks_per_s") == 75.0
-    assert outcome(results, "Streaming chunk rate vs nginx").value == pytest.approx(0.75)
+    assert results.median("decode", "wrapper", 64, "chunks_per_s") == 75.0
+    assert outcome(results, "Decode (5 ms/token, c=64): chunk rate").value == pytest.approx(0.75)
 
 
 def test_report_can_be_written_again_from_its_json(tmp_path: Path) -> None:

@@ -337,6 +337,47 @@ async def test_stream_idle_timeout_ends_the_stream_with_an_error_event(engine: F
     assert error["code"] == "timeout" and "STREAM_IDLE_TIMEOUT_S" in error["message"]
 
 
+async def test_a_client_leaving_a_relayed_stream_aborts_the_engine_request(engine: FakeEngine) -> None:
+    """The relay closes its engine connection when the client leaves, so the engine stops generating (499)."""
+    engine.reply = " ".join(f"w{i}" for i in range(200))
+    engine.piece_delay_s = 0.02
+    async with running_wrapper(engine.url) as wrapper:
+        async with wrapper.client() as client, client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "max_tokens": 200, "stream": True}
+        ) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break  # the first piece arrived; leave
+        async with asyncio.timeout(30):
+            while engine.aborted != 1:
+                await asyncio.sleep(0.01)
+        [line] = await wrapper.wait_for_lines(1)
+    assert (line["path"], line["status"], line["error"]) == ("/v1/chat/completions", 499, "client_disconnected")
+
+
+async def test_pipelined_requests_are_answered_in_order(engine: FakeEngine) -> None:
+    """Two requests in one write on one connection: each is relayed and answered, in order."""
+    body = json.dumps(CHAT).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    async with running_wrapper(engine.url) as wrapper:
+        reader, writer = await open_raw(wrapper)
+        writer.write(request + request.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nX-Request-ID: second\r\n"))
+        first, second = await read_response(reader), await read_response(reader)
+        writer.close()
+    assert first[0] == second[0] == 200
+    assert first[1]["x-request-id"] != "second" and second[1]["x-request-id"] == "second"
+    assert len(engine.requests_to("/v1/chat/completions")) == 2
+
+
+async def test_keep_alive_connections_to_the_engine_are_reused(engine: FakeEngine) -> None:
+    async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
+        for body in (CHAT, {**CHAT, "stream": True}, CHAT):
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    assert len(engine.requests_to("/v1/chat/completions")) == 3
+    assert len({received.peer for received in engine.requests_to("/v1/chat/completions")}) == 1
+
+
 async def test_server_stays_healthy_after_refusals(engine: FakeEngine) -> None:
     async with running_wrapper(engine.url, API_KEY=KEY, MAX_REQUEST_BYTES="2048") as wrapper:
         async with wrapper.client() as client:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 import uvicorn
 
 from app.observability.logging import (
     REDACTED,
+    LineHandler,
+    build_formatter,
     configure_logging,
     install_secret_redaction,
     log_engine_line,
@@ -243,3 +248,95 @@ def test_secrets_are_redacted_in_text_format(output: Callable[[], list[str]]) ->
 
     (line,) = output()
     assert API_KEY not in line and line.count(REDACTED) == 2
+
+
+class Writes(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+async def test_lines_of_one_loop_iteration_are_written_together_and_in_order() -> None:
+    stream = Writes()
+    handler = LineHandler(stream)
+    handler.setFormatter(build_formatter("json"))
+    logger = logging.getLogger("app.test.batch")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("one")
+        logger.warning("two")
+        assert stream.calls == []  # waiting for the end of this iteration
+        await asyncio.sleep(0)
+        await asyncio.to_thread(logger.warning, "from a thread")  # no loop there: written at once
+        logger.warning("three")
+        handler.flush()  # as logging.shutdown() does at exit
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert [[json.loads(line)["message"] for line in call.splitlines()] for call in stream.calls] == [
+        ["one", "two"], ["from a thread"], ["three"],
+    ]
+
+
+def test_json_lines_take_any_extra_value(output: Callable[[], list[str]]) -> None:
+    configure_logging("json", "INFO")
+    when = datetime(2026, 1, 2, 3, 4, 5)
+
+    logging.getLogger("app.test").info("odd values", extra={"when": when, "path": Path("/x"), "text": "é \ud800"})
+
+    (line,) = map(json.loads, output())
+    # A lone surrogate cannot be written as UTF-8: the line carries its escape, and reads back as it was.
+    assert (line["when"], line["path"], line["text"]) == ("2026-01-02T03:04:05", "/x", "é \ud800")
+
+
+def test_summary_line_is_redacted_and_reaches_added_handlers(output: Callable[[], list[str]]) -> None:
+    configure_logging("json", "INFO")
+    install_secret_redaction([API_KEY])
+
+    log_request(finished_record(path=f"/v1/chat/completions/{API_KEY}"))
+    collected: list[logging.LogRecord] = []
+    extra = logging.Handler()
+    extra.emit = collected.append  # type: ignore[method-assign]
+    logging.getLogger(ACCESS_LOGGER).addHandler(extra)
+    try:
+        log_request(finished_record(status=201))
+    finally:
+        logging.getLogger(ACCESS_LOGGER).removeHandler(extra)
+
+    first, second = map(json.loads, output())
+    assert API_KEY not in json.dumps(first) and first["path"] == f"/v1/chat/completions/{REDACTED}"
+    assert set(first) == set(second) == SUMMARY_FIELDS
+    assert [record.status for record in collected] == [201]  # type: ignore[attr-defined]
+
+
+def test_a_line_left_when_a_loop_closed_goes_out_with_the_next_loop() -> None:
+    stream = Writes()
+    handler = LineHandler(stream)
+    handler.setFormatter(build_formatter("json"))
+    logger = logging.getLogger("app.test.loops")
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    async def log(message: str) -> None:
+        logger.warning(message)
+
+    def log_and_stop() -> None:
+        logger.warning("first")
+        loop.stop()  # the loop ends with this iteration, before the one that would write "first"
+
+    try:
+        loop = asyncio.new_event_loop()
+        loop.call_soon(log_and_stop)
+        loop.run_forever()
+        loop.close()
+        assert stream.calls == []
+        asyncio.run(log("second"))
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert [json.loads(line)["message"] for call in stream.calls for line in call.splitlines()] == ["first", "second"]

@@ -67,6 +67,25 @@ def test_per_chunk_usage_is_kept_when_asked_for_and_the_last_counts() -> None:
     assert usage.completion_tokens == 2
 
 
+def test_only_the_usage_event_of_a_whole_answer_in_one_read_is_removed() -> None:
+    whole = CHUNK * 64 + USAGE + DONE
+
+    kept, kept_usage = relay([whole], strip=False)
+    stripped, stripped_usage = relay([whole], strip=True)
+
+    assert kept == whole and stripped == CHUNK * 64 + DONE
+    assert (kept_usage.completion_tokens, stripped_usage.completion_tokens) == (3, 3)
+
+
+def test_non_streaming_usage_whatever_follows_it() -> None:
+    later = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9},
+             "prompt_logprobs": [{"7": {"decoded_token": "usage"}}], "kv_transfer_params": None}
+    assert read_json_usage(json.dumps(later).encode()) == (4, 9)
+    assert read_json_usage(json.dumps(later, indent=2).encode()) == (4, 9)
+    assert read_json_usage(b'{"choices":[],"usage":null}') == (None, None)
+    assert read_json_usage(b'{"usage":{"prompt_tokens":1') == (None, None)  # cut short
+
+
 def test_responses_and_anthropic_usage_is_counted_and_kept() -> None:
     """Responses and Anthropic Messages name their counts input_tokens / output_tokens, in other places."""
     responses = b'data: {"type":"response.completed","response":{"usage":{"input_tokens":9,"output_tokens":4}}}\n\n'
