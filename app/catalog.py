@@ -203,6 +203,8 @@ def _model_settings(
         "MODEL_NAME": source,
         "SERVED_MODEL_NAME": name,
         "VLLM_PORT": port,
+        "MODELS": "",  # a model's own settings describe that one model
+        "MODELS_CONFIG": None,
     }
     try:
         settings = Settings(**values)

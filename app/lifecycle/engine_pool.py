@@ -95,6 +95,7 @@ class EnginePool(Generic[H]):
         idle_ttl_s: float = 0.0,
         retry_after_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError("max_loaded must be 1 or more")
@@ -104,6 +105,7 @@ class EnginePool(Generic[H]):
         self._idle_ttl_s = idle_ttl_s
         self._retry_after_s = retry_after_s
         self._clock = clock
+        self._on_change = on_change
         self._changed = asyncio.Event()
         self._stops: set[asyncio.Task[None]] = set()
         self._waiting_room: list[_Slot[H]] = []  # loads waiting for a place, first come first served
@@ -157,6 +159,7 @@ class EnginePool(Generic[H]):
     # --- loading and eviction ----------------------------------------------
     async def _load(self, slot: _Slot[H]) -> None:
         slot.state, slot.error = ModelState.LOADING, None
+        self._notify()
         try:
             await self._make_room(slot)
             slot.occupies = True
@@ -225,6 +228,16 @@ class EnginePool(Generic[H]):
             log.info("model unloaded", extra={"model": slot.name})
             self._notify()
 
+    def lost(self, name: str, handle: H, sentence: str) -> None:
+        """The engine `handle` of `name` died by itself: the model is failed; the next caller loads it again."""
+        slot = self._slot(name)
+        if slot.handle is not handle or slot.state is not ModelState.LOADED:
+            return  # already being stopped, or replaced
+        log.error("model engine lost", extra={"model": name, "error": sentence})
+        slot.handle, slot.occupies = None, False
+        slot.state, slot.error, slot.failed_at = ModelState.FAILED, sentence, None
+        self._notify()
+
     def evict_idle(self) -> list[str]:
         """Stop every model unused for idle_ttl_s; the names stopped."""
         if self._idle_ttl_s <= 0:
@@ -272,6 +285,8 @@ class EnginePool(Generic[H]):
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        if self._on_change is not None:
+            self._on_change()
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:

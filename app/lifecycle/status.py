@@ -18,6 +18,8 @@ from pathlib import Path
 
 # The supervisor tells its wrapper processes where the status file is.
 STATUS_FILE_ENV = "APP_STATUS_FILE"
+# ... and, with MODELS, where the control socket of the models' engines is (app/lifecycle/model_engines.py).
+CONTROL_SOCKET_ENV = "APP_CONTROL_SOCKET"
 # Bounds on the log tail in the status file, which every probe reads.
 LOG_TAIL_LINES = 20
 LOG_TAIL_LINE_CHARS = 1000
@@ -65,6 +67,8 @@ class StartupStatus:
     resolved_revision: str | None = None
     model_path: str | None = None
     engine_restarts: int = 0
+    # With MODELS: every model's state ("unloaded", "loading", "loaded", "unloading", "failed") and error.
+    models: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def enter(self, phase: Phase, error: str | None = None, log_tail: Sequence[str] = ()) -> None:
         """Start `phase`; `error` and the engine's `log_tail` behind it replace the previous ones."""
@@ -87,6 +91,8 @@ class StartupStatus:
             "model_path": self.model_path,
             "engine_restarts": self.engine_restarts,
         }
+        if self.models:
+            body["models"] = {name: dict(model) for name, model in self.models.items()}
         if private:
             body["engine_log_tail"] = list(self.engine_log_tail)
         return body
@@ -121,4 +127,5 @@ def read_status(path: Path) -> StartupStatus | None:
         resolved_revision=data.get("resolved_revision"),
         model_path=data.get("model_path"),
         engine_restarts=data.get("engine_restarts", 0),
+        models=dict(data.get("models") or {}),
     )

@@ -80,10 +80,12 @@ class EngineClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | list[tuple[str, str]] | None = None,
         stream: bool = False,
+        base_url: str | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """One exchange with the engine; every failure inside, reading included, becomes an `APIError`.
 
-        `path` is already encoded, query string included.
+        `path` is already encoded, query string included; `base_url` is the engine's when
+        it is not the one of the settings (a model's engine, with MODELS).
         """
         if self._aborted:
             raise self._drain_error()
@@ -91,7 +93,7 @@ class EngineClient:
         assert task is not None
         self._calls.add(task)
         try:
-            response = await self._send(method, path, body, headers, stream)
+            response = await self._send(method, (base_url or self.url) + path, body, headers, stream)
             try:
                 yield response
             finally:
@@ -119,7 +121,7 @@ class EngineClient:
             self._calls.discard(task)
 
     async def _send(
-        self, method: str, path: str, body: bytes | None, headers: Any, stream: bool
+        self, method: str, url: str, body: bytes | None, headers: Any, stream: bool
     ) -> aiohttp.ClientResponse:
         """Send the request; once more on a new connection when a pooled one turns out closed.
 
@@ -131,7 +133,7 @@ class EngineClient:
             try:
                 return await self.session.request(
                     method,
-                    URL(self.url + path, encoded=True),
+                    URL(url, encoded=True),
                     data=body,
                     headers=headers,
                     timeout=self._stream_timeout if stream else self._request_timeout,

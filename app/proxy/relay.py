@@ -31,12 +31,14 @@ from app.errors import APIError, openai_error_body
 from app.media.service import MediaService
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
+from app.proxy.models import ModelRouter
 from app.proxy.reply import DONE, Reply, serve_exchange
 from app.proxy.usage import UsageFilter, read_json_usage
 from app.routes import Route, canonical_path
 
 Scope = dict[str, Any]
 
+MODELS_PATH = "/v1/models"
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 HOP_BY_HOP = frozenset(
     {
@@ -49,8 +51,11 @@ RESPONSE_SKIP = frozenset({"connection", "keep-alive", "transfer-encoding", "con
 
 
 class Relay:
-    def __init__(self, settings: Settings, engine: EngineClient, media: MediaService) -> None:
+    def __init__(
+        self, settings: Settings, engine: EngineClient, media: MediaService, models: ModelRouter | None = None
+    ) -> None:
         self._engine = engine
+        self._models = models
         self._media = media
         self._served_model = settings.served_model_name
         self._served_names = frozenset(settings.served_model_names)
@@ -60,8 +65,16 @@ class Relay:
         self, scope: Scope, receive: Any, send: Any, route: Route, body: bytes, record: RequestRecord
     ) -> None:
         async def relay(reply: Reply) -> None:
+            if self._models is not None and route.label == MODELS_PATH:
+                record.status = 200
+                await _send_json(reply, self._models.listing())
+                return
             prepared, strip_usage = await self._prepare(scope, route, body, record)
-            await self._forward(reply, scope, prepared, record, strip_usage)
+            if self._models is None:
+                await self._forward(reply, scope, prepared, record, strip_usage, self._engine.url)
+                return
+            async with self._models.lease(record.model) as url:
+                await self._forward(reply, scope, prepared, record, strip_usage, url)
 
         try:
             await serve_exchange(send, receive, record, relay)
@@ -71,6 +84,11 @@ class Relay:
     async def _prepare(self, scope: Scope, route: Route, body: bytes, record: RequestRecord) -> tuple[bytes, bool]:
         """Check the body; returns (body to send, whether to strip the usage block the wrapper asked for)."""
         record.model = self._served_model
+        if self._models is not None and not (route.body == "json" and scope["method"] == "POST"):
+            raise APIError(
+                400, f"{route.label} is not routed to a model in a multi-model deployment (MODELS) yet; "
+                "use a route whose JSON body names the model.", code="unsupported_route",
+            )
         if route.body == "multipart":
             content_type = header(scope["headers"], b"content-type") or b""
             if not content_type.lower().startswith(b"multipart/form-data"):
@@ -83,7 +101,9 @@ class Relay:
             return b"", False
         payload = parse_json_object(body)
         model = payload.get("model")
-        if isinstance(model, str):
+        if self._models is not None:
+            record.model = self._models.check(model)
+        elif isinstance(model, str):
             # Every name the model is served under counts as the one it reports.
             record.model = self._served_model if model in self._served_names else model
         counts = await self._media.prepare(route.label, payload)
@@ -99,14 +119,16 @@ class Relay:
                     changed = strip_usage = True
         return (encode_json(payload) if changed else body), strip_usage
 
-    async def _forward(self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool) -> None:
+    async def _forward(
+        self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool, engine_url: str
+    ) -> None:
         path = canonical_path(scope["raw_path"].decode("latin-1")) + _query(scope)
         async with self._engine.call(
             scope["method"], path, body=body or None, headers=_forward_headers(scope, record.request_id),
-            stream=record.stream,
+            stream=record.stream, base_url=engine_url,
         ) as response:
             record.status = response.status
-            headers = self._response_headers(response)
+            headers = _response_headers(response, engine_url)
             if response.content_type == "text/event-stream":
                 await reply.start(response.status, headers)
                 await self._relay_stream(reply, response, record, strip_usage)
@@ -123,18 +145,6 @@ class Relay:
             headers.append((b"content-length", str(len(payload)).encode()))
             await reply.start(response.status, headers)
             await reply.finish(payload)
-
-    def _response_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-        headers = []
-        for name, value in response.headers.items():
-            lower = name.lower()
-            if lower in RESPONSE_SKIP:
-                continue
-            if lower == "location" and value.startswith(self._engine.url):
-                # The engine's own address means nothing to a client: make the redirect relative.
-                value = value[len(self._engine.url):] or "/"
-            headers.append((lower.encode("latin-1"), value.encode("latin-1")))
-        return headers
 
     async def _relay_stream(
         self, reply: Reply, response: aiohttp.ClientResponse, record: RequestRecord, strip_usage: bool
@@ -157,6 +167,24 @@ class Relay:
             chunk = await content.readany()
         record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         await reply.finish(usage.flush())
+
+
+def _response_headers(response: aiohttp.ClientResponse, engine_url: str) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for name, value in response.headers.items():
+        lower = name.lower()
+        if lower in RESPONSE_SKIP:
+            continue
+        if lower == "location" and value.startswith(engine_url):
+            # The engine's own address means nothing to a client: make the redirect relative.
+            value = value[len(engine_url):] or "/"
+        headers.append((lower.encode("latin-1"), value.encode("latin-1")))
+    return headers
+
+
+async def _send_json(reply: Reply, payload: bytes) -> None:
+    await reply.start(200, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())])
+    await reply.finish(payload)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

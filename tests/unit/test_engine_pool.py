@@ -299,3 +299,22 @@ async def test_loads_waiting_for_a_place_get_it_in_the_order_they_asked() -> Non
     pool.release("b")
     await for_c
     assert launcher.launches == ["a", "b", "c"] and launcher.most_running == 1
+
+
+async def test_an_engine_that_dies_marks_its_model_failed_and_the_next_caller_reloads_it() -> None:
+    launcher = FakeLauncher()
+    changes: list[dict[str, str]] = []
+    pool: EnginePool[FakeHandle] = EnginePool(
+        ("a", "b"), launcher, max_loaded=1, clock=Clock(), on_change=lambda: changes.append(states(pool))  # type: ignore[arg-type]
+    )
+    handle = await pool.acquire("a")
+    pool.release("a")
+    launcher.running.discard(handle)
+
+    pool.lost("a", handle, "Engine exited with code 1 while serving.")
+
+    view = pool.views()["a"]
+    assert (view.state, view.error) == (ModelState.FAILED, "Engine exited with code 1 while serving.")
+    assert {"a": "loading", "b": "unloaded"} in changes and changes[-1]["a"] == "failed"
+    again = await pool.acquire("a")
+    assert again is not handle and launcher.launches == ["a", "a"] and launcher.most_running == 1

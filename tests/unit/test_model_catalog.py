@@ -136,3 +136,18 @@ def test_unreadable_and_malformed_files_name_the_file(tmp_path: Path) -> None:
 def test_an_empty_config_file_changes_nothing(tmp_path: Path) -> None:
     catalog = ModelCatalog.build(base(), "a=org/a", write(tmp_path, "models.yaml", ""))
     assert catalog.get("a").settings.MAX_MODEL_LEN is None  # type: ignore[union-attr]
+
+
+def test_model_name_alone_is_the_single_model_path() -> None:
+    assert base(MODEL_NAME="org/model").catalog is None
+
+
+def test_models_are_checked_when_the_settings_are_loaded(tmp_path: Path) -> None:
+    settings = base(MODELS="a=org/a,b=org/b", MAX_LOADED_MODELS="2", MODEL_IDLE_TTL_S="300")
+    assert settings.catalog is not None and settings.catalog.names == ("a", "b")
+    assert (settings.MAX_LOADED_MODELS, settings.MODEL_IDLE_TTL_S) == (2, 300)
+
+    with pytest.raises(ConfigError, match="MODELS_CONFIG names the model 'c'"):
+        base(MODELS="a=org/a", MODELS_CONFIG=write(tmp_path, "m.yaml", "c: {DTYPE: half}\n"))
+    with pytest.raises(ConfigError, match="Invalid setting MAX_LOADED_MODELS='0'"):
+        base(MODELS="a=org/a", MAX_LOADED_MODELS="0")
