@@ -33,6 +33,7 @@ from aiohttp import web
 from app.catalog import CatalogModel, ModelCatalog
 from app.lifecycle.engine_args import build_engine_launch
 from app.lifecycle.engine_pool import EnginePool, LoadFailed, UnknownModel
+from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
 from app.lifecycle.startup_errors import StartupError, classify_engine_failure
@@ -158,9 +159,24 @@ class ModelEngines:
         return engine
 
     async def _watch(self, engine: ModelEngine) -> None:
-        code = await engine.process.wait()
-        await engine.process.kill()  # what it left behind, such as its engine-core process
-        self.pool.lost(engine.model.name, engine, f"The engine of model '{engine.model.name}' {describe_exit(code)} while serving.")
+        """While it serves: an engine that exits, or stops answering /health for ENGINE_HEALTH_TIMEOUT_S, is lost."""
+        name, limit_s = engine.model.name, engine.model.settings.ENGINE_HEALTH_TIMEOUT_S
+        exited = asyncio.ensure_future(engine.process.wait())
+        silent = asyncio.ensure_future(wait_until_silent(self._session, f"{engine.url}/health", limit_s))
+        try:
+            await asyncio.wait((exited, silent), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            silent.cancel()
+        if exited.done() and not exited.cancelled():
+            sentence = f"The engine of model '{name}' {describe_exit(exited.result())} while serving."
+        else:
+            sentence = (
+                f"The engine of model '{name}' stopped answering its health check for {silent.result():.0f} s "
+                f"(ENGINE_HEALTH_TIMEOUT_S={limit_s:g}) and was killed."
+            )
+        await engine.process.kill()  # with what it left behind, such as its engine-core process
+        self.pool.lost(name, engine, sentence)
 
     async def _wait_until_healthy(self, process: ChildProcess, url: str, timeout_s: float) -> str:
         """'ready', 'timeout', or how the engine exited."""

@@ -9,7 +9,10 @@ body's size and read deadline, and holds the request's engine slot. Here:
    a multipart body (audio) is relayed as it is;
 2. the request goes to the engine on the shared connection pool
    (`EngineClient.call`), and the answer comes back chunk by chunk as it
-   arrives, with keep-alive comments before the first token.
+   arrives, with keep-alive comments before the first token. With MODELS,
+   the engine is the one of the model the body names, leased (and loaded
+   if needed) through `app.proxy.models.ModelRouter`; /v1/models is answered
+   here with every model's state.
 
 This is the hot path of every token, so it is plain ASGI, not a FastAPI
 route: no routing table, no response classes, no per-chunk allocations
@@ -73,7 +76,9 @@ class Relay:
             if self._models is None:
                 await self._forward(reply, scope, prepared, record, strip_usage, self._engine.url)
                 return
+            asked = time.perf_counter()
             async with self._models.lease(record.model) as url:
+                record.load_wait_s = time.perf_counter() - asked
                 await self._forward(reply, scope, prepared, record, strip_usage, url)
 
         try:

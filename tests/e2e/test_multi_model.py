@@ -99,4 +99,6 @@ def test_alternating_requests_are_answered_by_the_model_they_name(multi_stack: S
         wait_for(lambda: engines_running(multi_stack) == 1)
 
     lines = [line for line in multi_stack.request_lines() if line.get("path") == "/v1/chat/completions"]
-    assert [line["model"] for line in lines if line["status"] == 200] == [SMOL, CHAT, SMOL]
+    answered = [line for line in lines if line["status"] == 200]
+    assert [line["model"] for line in answered] == [SMOL, CHAT, SMOL]
+    assert all(line["load_wait_ms"] > 0 for line in answered)  # each one waited for its model's engine to start

@@ -243,3 +243,13 @@ def test_secrets_are_redacted_in_text_format(output: Callable[[], list[str]]) ->
 
     (line,) = output()
     assert API_KEY not in line and line.count(REDACTED) == 2
+
+
+def test_a_request_that_waited_for_its_model_says_how_long(output: Callable[[], list[str]]) -> None:
+    configure_logging("json", "INFO")
+    log_request(finished_record(load_wait_s=42.5))
+    log_request(finished_record())
+
+    waited, single_model = (json.loads(line) for line in output())
+    assert waited["load_wait_ms"] == 42500.0
+    assert "load_wait_ms" not in single_model  # only with MODELS

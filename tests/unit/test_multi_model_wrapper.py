@@ -1,0 +1,123 @@
+"""The wrapper of a multi-model deployment (MODELS), in-process: requests go to the engine of the model they name.
+
+The supervisor's side runs for real (`ModelEngines`, its control socket and the status file it writes),
+but its engines are `tests.fake_engine` stand-ins, one per model, so what reached which engine can be
+counted; tests/e2e/test_multi_model*.py run the same paths on the real CPU engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest_asyncio
+
+from app.catalog import ModelCatalog
+from app.config import load_settings
+from app.lifecycle.model_engines import ModelEngines
+from app.lifecycle.status import Phase, StartupStatus, write_status
+from tests.fake_engine import FakeEngine
+from tests.inprocess import Wrapper, running_models_wrapper
+
+MODELS = "a=org/a,b=org/b"
+
+
+class StandInHandle:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def stop(self) -> None:
+        pass
+
+
+class FakeEngines(ModelEngines):
+    """ModelEngines whose 'engines' are the running fake engines, one per model."""
+
+    def __init__(self, *args: object, fakes: dict[str, FakeEngine], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.fakes = fakes
+
+    async def _launch(self, name: str) -> StandInHandle:  # type: ignore[override]
+        return StandInHandle(self.fakes[name].url)
+
+
+@dataclass
+class Deployment:
+    wrapper: Wrapper
+    fakes: dict[str, FakeEngine]
+
+
+@pytest_asyncio.fixture
+async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
+    fakes = {"a": FakeEngine(), "b": FakeEngine()}
+    for fake in fakes.values():
+        await fake.start()
+    status_file = tmp_path / "status.json"
+    status = StartupStatus(phase=Phase.READY)
+
+    def publish(models: dict[str, dict[str, object]]) -> None:
+        status.models = models
+        write_status(status_file, status)
+
+    publish({})
+    catalog = ModelCatalog.build(load_settings({}), MODELS)
+    socket = tmp_path / "control.sock"
+    async with aiohttp.ClientSession() as session:
+        engines = FakeEngines(catalog, session, max_loaded=1, idle_ttl_s=0, publish=publish, fakes=fakes)
+        serving = asyncio.create_task(engines.serve(socket))
+        while not socket.exists():
+            await asyncio.sleep(0.01)
+        async with running_models_wrapper(str(socket), status_file, MODELS=MODELS) as wrapper:
+            yield Deployment(wrapper, fakes)
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await engines.close()
+    for fake in fakes.values():
+        await fake.stop()
+
+
+def chat_body(model: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+
+
+async def test_each_request_reaches_the_engine_of_the_model_it_names(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        for model in ("a", "b", "a"):
+            response = await client.post("/v1/chat/completions", json=chat_body(model))
+            assert response.status_code == 200, response.text
+        listing = (await client.get("/v1/models")).json()
+
+    assert len(deployment.fakes["a"].chat_requests) == 2
+    assert len(deployment.fakes["b"].chat_requests) == 1
+    assert [(entry["id"], entry["state"]) for entry in listing["data"]] == [("a", "loaded"), ("b", "unloaded")]
+    lines = [line for line in await deployment.wrapper.wait_for_lines(4) if line["path"] == "/v1/chat/completions"]
+    assert [line["model"] for line in lines] == ["a", "b", "a"]
+    assert all(line["load_wait_ms"] >= 0 for line in lines)
+
+
+async def test_unknown_or_missing_models_are_refused_before_any_engine(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        unknown = await client.post("/v1/chat/completions", json=chat_body("gpt-4"))
+        missing = await client.post("/v1/chat/completions", json=chat_body(None))
+
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == {
+        "message": "The model 'gpt-4' does not exist; this server serves: a, b.",
+        "type": "not_found_error", "param": "model", "code": "model_not_found",
+    }
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "model_required"
+    assert all(not fake.received for fake in deployment.fakes.values())
+
+
+async def test_routes_that_do_not_name_a_model_say_so(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        generate = await client.post("/generate", json={"prompt": "hello"})
+        stored = await client.get("/v1/responses/resp_1")
+
+    for response in (generate, stored):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "unsupported_route"
+    assert all(not fake.received for fake in deployment.fakes.values())
