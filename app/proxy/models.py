@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -24,6 +24,13 @@ import aiohttp
 from app.errors import APIError, unavailable
 
 log = logging.getLogger("app.serve")
+
+
+Waiter = Callable[["asyncio.Future[str]"], Awaitable[str]]
+
+
+async def plain_wait(acquiring: asyncio.Future[str]) -> str:
+    return await acquiring
 
 
 @dataclass
@@ -75,15 +82,19 @@ class ModelRouter:
         return json.dumps({"object": "list", "data": data}).encode()
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[str]:
-        """The URL of `model`'s engine, loaded if needed; it stays loaded until the block ends."""
+    async def lease(self, model: str, wait: Waiter = plain_wait) -> AsyncIterator[str]:
+        """The URL of `model`'s engine, loaded if needed; it stays loaded until the block ends.
+
+        `wait` awaits the acquire when it has not finished at once (a stream sends keep-alives meanwhile).
+        """
         lease = self._leases.setdefault(model, _Lease())
         lease.users += 1
         try:
             if lease.acquiring is None:
                 lease.acquiring = asyncio.create_task(self._acquire(model), name=f"acquire {model}")
                 lease.acquiring.add_done_callback(lambda _task: self._settle(model))
-            yield await asyncio.shield(lease.acquiring)
+            acquiring = lease.acquiring
+            yield acquiring.result() if acquiring.done() else await wait(asyncio.shield(acquiring))
         finally:
             lease.users -= 1
             self._settle(model)

@@ -22,8 +22,10 @@ error, or an error event once a stream began).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -34,8 +36,8 @@ from app.errors import APIError, openai_error_body
 from app.media.service import MediaService
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
-from app.proxy.models import ModelRouter
-from app.proxy.reply import DONE, Reply, serve_exchange
+from app.proxy.models import ModelRouter, plain_wait
+from app.proxy.reply import DONE, KEEPALIVE, SSE_HEADERS, Reply, serve_exchange
 from app.proxy.usage import UsageFilter, read_json_usage
 from app.routes import Route, canonical_path
 
@@ -77,7 +79,8 @@ class Relay:
                 await self._forward(reply, scope, prepared, record, strip_usage, self._engine.url)
                 return
             asked = time.perf_counter()
-            async with self._models.lease(record.model) as url:
+            wait = partial(self._wait_with_keepalives, reply) if record.stream else plain_wait
+            async with self._models.lease(record.model, wait) as url:
                 record.load_wait_s = time.perf_counter() - asked
                 await self._forward(reply, scope, prepared, record, strip_usage, url)
 
@@ -124,6 +127,15 @@ class Relay:
                     changed = strip_usage = True
         return (encode_json(payload) if changed else body), strip_usage
 
+    async def _wait_with_keepalives(self, reply: Reply, acquiring: asyncio.Future[str]) -> str:
+        """A stream whose model is loading begins at once, with keep-alive comments until the engine is there."""
+        await reply.start(200, SSE_HEADERS)
+        while True:
+            done, _ = await asyncio.wait((acquiring,), timeout=self._keepalive_s)
+            if done:
+                return acquiring.result()
+            await reply.chunk(KEEPALIVE)
+
     async def _forward(
         self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool, engine_url: str
     ) -> None:
@@ -135,10 +147,16 @@ class Relay:
             record.status = response.status
             headers = _response_headers(response, engine_url)
             if response.content_type == "text/event-stream":
-                await reply.start(response.status, headers)
+                if not reply.started:  # a stream that waited for its model began with keep-alives
+                    await reply.start(response.status, headers)
                 await self._relay_stream(reply, response, record, strip_usage)
                 return
             payload = await response.read()
+            if reply.started:
+                # The stream began while the model loaded; the engine's refusal becomes its last event.
+                record.error_cause = "engine_error" if response.status >= 500 else "client_error"
+                await reply.finish(b"data: " + (openai_error_body(response.status, payload) or payload) + b"\n\n" + DONE)
+                return
             record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
             if response.status >= 400:
                 record.error_cause = "engine_error" if response.status >= 500 else "client_error"

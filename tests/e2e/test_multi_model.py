@@ -2,11 +2,14 @@
 
 Two offline models, MAX_LOADED_MODELS=1: every switch stops one engine and starts the other,
 so alternating requests prove that each is answered by the model it names, that at most one
-engine runs, and that an evicted model loads again when it is named again.
+engine runs, and that an evicted model loads again when it is named again; concurrent streams for
+both models all run to their end (one model's streams wait, with keep-alives, for the other's).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +105,36 @@ def test_alternating_requests_are_answered_by_the_model_they_name(multi_stack: S
     answered = [line for line in lines if line["status"] == 200]
     assert [line["model"] for line in answered] == [SMOL, CHAT, SMOL]
     assert all(line["load_wait_ms"] > 0 for line in answered)  # each one waited for its model's engine to start
+
+
+def stream_chat(stack: Stack, model: str, question: str) -> list[dict[str, object]]:
+    """The events of one streamed chat completion; fails on an error event or a stream without [DONE]."""
+    events: list[dict[str, object]] = []
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 16,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=LOAD_TIMEOUT_S) as response:
+        assert response.status_code == 200
+        done = False
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            assert "error" not in event, event
+            events.append(event)
+    assert done, "the stream ended without data: [DONE]"
+    return events
+
+
+def test_concurrent_streams_for_both_models_all_complete(multi_stack: Stack) -> None:
+    jobs = [(model, f"Question {index} for {model}") for index in range(3) for model in (CHAT, SMOL)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: stream_chat(multi_stack, *job), jobs))
+
+    for (model, _), events in zip(jobs, results):
+        assert events and {event["model"] for event in events} == {model}
+        finish = [choice["finish_reason"] for event in events for choice in event["choices"] if choice["finish_reason"]]
+        assert finish in (["stop"], ["length"])  # every stream ran to its end
+    wait_for(lambda: engines_running(multi_stack) == 1)

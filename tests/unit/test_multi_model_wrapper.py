@@ -8,15 +8,18 @@ counted; tests/e2e/test_multi_model*.py run the same paths on the real CPU engin
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import httpx
 import pytest_asyncio
 
 from app.catalog import ModelCatalog
 from app.config import load_settings
+from app.lifecycle.engine_pool import LoadFailed
 from app.lifecycle.model_engines import ModelEngines
 from app.lifecycle.status import Phase, StartupStatus, write_status
 from tests.fake_engine import FakeEngine
@@ -121,3 +124,82 @@ async def test_routes_that_do_not_name_a_model_say_so(deployment: Deployment) ->
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "unsupported_route"
     assert all(not fake.received for fake in deployment.fakes.values())
+
+
+class GatedEngines(FakeEngines):
+    """FakeEngines whose loads wait for `gate`; a model in `failing` then fails with that sentence."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.failing: dict[str, str] = {}
+
+    async def _launch(self, name: str) -> StandInHandle:  # type: ignore[override]
+        await self.gate.wait()
+        if name in self.failing:
+            raise LoadFailed(self.failing[name])
+        return await super()._launch(name)
+
+
+@pytest_asyncio.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[Wrapper, GatedEngines]]:
+    fakes = {"a": FakeEngine(), "b": FakeEngine()}
+    for fake in fakes.values():
+        await fake.start()
+    status_file = tmp_path / "status.json"
+    write_status(status_file, StartupStatus(phase=Phase.READY))
+    catalog = ModelCatalog.build(load_settings({}), MODELS)
+    socket = tmp_path / "control.sock"
+    async with aiohttp.ClientSession() as session:
+        engines = GatedEngines(catalog, session, max_loaded=1, idle_ttl_s=0, publish=lambda _m: None, fakes=fakes)
+        serving = asyncio.create_task(engines.serve(socket))
+        while not socket.exists():
+            await asyncio.sleep(0.01)
+        async with running_models_wrapper(str(socket), status_file, MODELS=MODELS, SSE_KEEPALIVE_S="0.05") as wrapper:
+            yield wrapper, engines
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await engines.close()
+    for fake in fakes.values():
+        await fake.stop()
+
+
+async def read_until_keepalive(response: httpx.Response) -> tuple[AsyncIterator[bytes], bytes]:
+    chunks = response.aiter_bytes()
+    seen = b""
+    while b": keep-alive" not in seen:
+        seen += await chunks.__anext__()
+    return chunks, seen
+
+
+async def test_a_stream_waiting_for_its_model_gets_keepalives_then_the_answer(
+    gated: tuple[Wrapper, GatedEngines],
+) -> None:
+    wrapper, engines = gated
+    async with wrapper.client() as client:
+        async with client.stream("POST", "/v1/chat/completions", json={**chat_body("a"), "stream": True}) as response:
+            assert response.status_code == 200
+            chunks, seen = await read_until_keepalive(response)
+            engines.gate.set()  # the model's engine is there only now
+            async for chunk in chunks:
+                seen += chunk
+
+    assert seen.startswith(b": keep-alive")
+    assert b"Echo:" in seen
+    assert seen.endswith(b"data: [DONE]\n\n") and b'"error"' not in seen
+
+
+async def test_a_stream_whose_model_fails_to_load_ends_with_the_sentence(gated: tuple[Wrapper, GatedEngines]) -> None:
+    wrapper, engines = gated
+    engines.failing["b"] = "Model 'b' failed to load: its engine ran out of memory."
+    async with wrapper.client() as client:
+        async with client.stream("POST", "/v1/chat/completions", json={**chat_body("b"), "stream": True}) as response:
+            chunks, seen = await read_until_keepalive(response)
+            engines.gate.set()
+            async for chunk in chunks:
+                seen += chunk
+
+    events = [line for line in seen.decode().split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert (error["code"], error["message"]) == ("model_load_failed", "Model 'b' failed to load: its engine ran out of memory.")
