@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     )
     MAX_LOADED_MODELS: int = Field(1, ge=1, description="With MODELS, most engines running at once; the least recently used idle one is stopped first.")
     MODEL_IDLE_TTL_S: float = Field(0.0, ge=0, description="With MODELS, a model unused this long is unloaded (0: never).")
+    MODELS_DOWNLOAD: Literal["eager", "lazy"] = Field(
+        "eager", description="With MODELS: check and download every model at start (eager), or each at its first request (lazy)."
+    )
     HF_TOKEN: SecretStr | None = Field(
         None, description="Hugging Face token for gated or private models. Never logged."
     )

@@ -162,6 +162,7 @@ OFF_FORM = frozenset(
         "MODELS_CONFIG",
         "MAX_LOADED_MODELS",
         "MODEL_IDLE_TTL_S",
+        "MODELS_DOWNLOAD",
         # Set by the platform or the listing itself.
         "PORT",
         "PORT_HEALTH",

@@ -38,6 +38,7 @@ from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
 from app.lifecycle.startup_errors import StartupError, classify_engine_failure
 from app.lifecycle.status import CONTROL_SOCKET_ENV  # noqa: F401 (where the wrappers find the socket)
+from app.lifecycle.status import DownloadProgress, Phase
 from app.media import detect_modalities
 
 log = logging.getLogger("app.lifecycle")
@@ -80,6 +81,7 @@ class ModelEngines:
             catalog.names, self._launch, max_loaded=max_loaded, idle_ttl_s=idle_ttl_s, on_change=self._changed
         )
         self._runner: web.AppRunner | None = None
+        self._downloads: dict[str, DownloadProgress] = {}
 
     # --- control channel --------------------------------------------------------
     async def serve(self, socket_path: Path) -> None:
@@ -120,12 +122,34 @@ class ModelEngines:
         return web.json_response({})
 
     def _changed(self) -> None:
-        self._publish(
-            {
-                name: {"state": view.state.value, "error": view.error}
-                for name, view in self.pool.views().items()
-            }
-        )
+        models: dict[str, dict[str, object]] = {}
+        for name, view in self.pool.views().items():
+            models[name] = {"state": view.state.value, "error": view.error}
+            if name in self._downloads:
+                models[name]["download"] = self._downloads[name].to_json()
+        self._publish(models)
+
+    async def prepare_all(self, on_phase: Callable[[Phase], None]) -> list[str]:
+        """MODELS_DOWNLOAD=eager: every model checked and downloaded at start, in MODELS order.
+
+        Returns one sentence per model that cannot be served (a missing or gated repository, a bad
+        revision, a full disk), naming it; each model's download progress is published meanwhile.
+        """
+        failures: list[str] = []
+        for model in self.catalog:
+            log.info("preparing model", extra={"model": model.name})
+            try:
+                await _prepare_in_thread(model, on_phase, self._progress_of(model.name))
+            except StartupError as error:
+                failures.append(f"Model '{model.name}': {error}")
+        return failures
+
+    def _progress_of(self, name: str) -> Callable[[DownloadProgress], None]:
+        def progress(done: DownloadProgress) -> None:  # called from the download thread
+            self._downloads[name] = done
+            self._changed()
+
+        return progress
 
     # --- engines ----------------------------------------------------------------
     async def _launch(self, name: str) -> ModelEngine:
@@ -133,7 +157,7 @@ class ModelEngines:
         assert model is not None
         started = time.monotonic()
         try:
-            prepared = await _prepare_in_thread(model)
+            prepared = await _prepare_in_thread(model, on_progress=self._progress_of(name))
         except StartupError as error:
             raise LoadFailed(f"Model '{name}' could not be prepared: {error}") from None
         settings = model.settings
@@ -201,13 +225,17 @@ async def _model_of(request: web.Request) -> str:
     return str(payload.get("model"))
 
 
-async def _prepare_in_thread(model: CatalogModel) -> PreparedModel:
+async def _prepare_in_thread(
+    model: CatalogModel,
+    on_phase: Callable[[Phase], None] = lambda _phase: None,
+    on_progress: Callable[[DownloadProgress], None] = lambda _progress: None,
+) -> PreparedModel:
     """The blocking download runs in a daemon thread, so a stop never waits for it."""
     future: Future[PreparedModel] = Future()
 
     def work() -> None:
         try:
-            future.set_result(prepare_model(model.settings, lambda _phase: None, lambda _progress: None))
+            future.set_result(prepare_model(model.settings, on_phase, on_progress, model_setting="MODELS"))
         except BaseException as error:  # handed to the event loop below
             future.set_exception(error)
 

@@ -263,6 +263,10 @@ class Supervisor:
             catalog, self.session, max_loaded=self.settings.MAX_LOADED_MODELS,
             idle_ttl_s=self.settings.MODEL_IDLE_TTL_S, publish=self.board.models,
         )
+        if self.settings.MODELS_DOWNLOAD == "eager":
+            self.board.enter(Phase.PREFLIGHT)
+            if failures := await self.model_engines.prepare_all(self.board.enter):
+                return await self._startup_failed(" ".join(failures))
         serving = asyncio.ensure_future(self.model_engines.serve(self.control_socket))
         await asyncio.sleep(0)
         self.board.enter(Phase.READY)

@@ -27,6 +27,7 @@ from app.lifecycle.engine_pool import LoadFailed
 from app.lifecycle.model_engines import ModelEngine, ModelEngines
 from app.lifecycle.processes import ChildProcess
 from app.proxy.models import ModelRouter
+from tests.fakehub import FakeHub, use_in_process
 
 
 class StandInHandle:
@@ -157,3 +158,30 @@ async def test_an_engine_that_dies_or_falls_silent_while_serving_fails_its_model
         process = engines.engines[0].process.process
         assert process is not None and process.returncode is not None  # gone, and reaped
         await engines.close()
+
+
+async def test_eager_preparation_downloads_every_model_and_names_the_ones_that_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub is the local double (tests/fakehub.py): org/model exists, org/missing does not."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (source / "model.safetensors").write_bytes(b"\x01" * 4096)
+    with FakeHub({"org/model": source}) as hub:
+        use_in_process(hub, monkeypatch)
+        settings = load_settings({"HF_HOME": str(tmp_path / "cache"), "MODELS": "good=org/model,gone=org/missing"})
+        assert settings.catalog is not None
+        published: list[dict[str, dict[str, object]]] = []
+        phases: list[str] = []
+        async with aiohttp.ClientSession() as session:
+            engines = ModelEngines(settings.catalog, session, max_loaded=1, idle_ttl_s=0, publish=published.append)
+            failures = await engines.prepare_all(lambda phase: phases.append(phase.value))
+
+    assert len(failures) == 1 and failures[0].startswith("Model 'gone': ")
+    assert "MODELS 'org/missing' does not exist on the Hub" in failures[0] and "MODEL_NAME" not in failures[0]
+    download = published[-1]["good"]["download"]
+    assert isinstance(download, dict) and download["percent"] == 100.0
+    assert "download" not in published[-1]["gone"]
+    assert "downloading" in phases
+    assert (tmp_path / "cache").exists()
