@@ -93,14 +93,16 @@ class ModelEngines:
         await self._runner.setup()
         await web.UnixSite(self._runner, str(socket_path)).start()
         self._changed()
-        try:
-            await self.pool.run_idle_eviction()
-            await asyncio.Event().wait()
-        finally:
-            await self._runner.cleanup()
+        await self.pool.run_idle_eviction()
+        await asyncio.Event().wait()
 
     async def close(self) -> None:
-        """Stop every engine: at shutdown, once the wrappers have drained."""
+        """Stop answering and stop every engine: at shutdown, once the wrappers have drained.
+
+        The socket stays open until then, so the requests that drain can still give their leases back.
+        """
+        if self._runner is not None:
+            await self._runner.cleanup()
         await self.pool.close()
 
     async def _acquire(self, request: web.Request) -> web.Response:
@@ -165,7 +167,11 @@ class ModelEngines:
         log.info("starting engine", extra={"model": name, "device": launch.device, "argv": launch.argv[1:]})
         process = ChildProcess(f"engine {name}", launch.argv, launch.env, capture_output=True)
         await process.start()
-        outcome = await self._wait_until_healthy(process, settings.engine_url, settings.ENGINE_STARTUP_TIMEOUT_S)
+        try:
+            outcome = await self._wait_until_healthy(process, settings.engine_url, settings.ENGINE_STARTUP_TIMEOUT_S)
+        except asyncio.CancelledError:  # shutdown during the load: no engine left behind
+            await process.stop(ENGINE_STOP_TIMEOUT_S)
+            raise
         if outcome != "ready":
             await process.stop(ENGINE_STOP_TIMEOUT_S)
             lines = list(process.tail)

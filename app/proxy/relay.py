@@ -128,12 +128,14 @@ class Relay:
         return (encode_json(payload) if changed else body), strip_usage
 
     async def _wait_with_keepalives(self, reply: Reply, acquiring: asyncio.Future[str]) -> str:
-        """A stream whose model is loading begins at once, with keep-alive comments until the engine is there."""
-        await reply.start(200, SSE_HEADERS)
+        """A stream whose model takes longer than SSE_KEEPALIVE_S to be there (it is loading) begins with
+        keep-alive comments until it is; a quicker one is answered as usual."""
         while True:
             done, _ = await asyncio.wait((acquiring,), timeout=self._keepalive_s)
             if done:
                 return acquiring.result()
+            if not reply.started:
+                await reply.start(200, SSE_HEADERS)
             await reply.chunk(KEEPALIVE)
 
     async def _forward(

@@ -203,3 +203,12 @@ async def test_a_stream_whose_model_fails_to_load_ends_with_the_sentence(gated: 
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert (error["code"], error["message"]) == ("model_load_failed", "Model 'b' failed to load: its engine ran out of memory.")
+
+
+async def test_a_stream_whose_model_is_there_at_once_gets_the_engines_own_status(deployment: Deployment) -> None:
+    body = {**chat_body("b"), "stream": True, "messages": [{"role": "user", "content": "REFUSE this"}]}
+    async with deployment.wrapper.client() as client:
+        response = await client.post("/v1/chat/completions", json=body)
+
+    assert response.status_code == 400  # no keep-alive began the stream: the engine's refusal is the answer
+    assert response.json()["error"]["message"] == "This prompt is refused."
