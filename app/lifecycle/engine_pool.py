@@ -228,6 +228,20 @@ class EnginePool(Generic[H]):
             log.info("model unloaded", extra={"model": slot.name})
             self._notify()
 
+    async def unload(self, name: str) -> None:
+        """Stop `name`'s engine now (an operator's request); RuntimeError when it has requests in flight or is loading."""
+        slot = self._slot(name)
+        if slot.leases > 0:
+            raise RuntimeError(f"The model '{name}' has requests in flight; unload it once they have finished.")
+        if slot.state is ModelState.LOADING:
+            raise RuntimeError(f"The model '{name}' is loading; unload it once it has loaded.")
+        if slot.state is ModelState.LOADED:
+            log.info("unloading a model on request", extra={"model": name})
+            self._unload(slot)
+        while slot.state is ModelState.UNLOADING:
+            changed = self._changed
+            await changed.wait()
+
     def lost(self, name: str, handle: H, sentence: str) -> None:
         """The engine `handle` of `name` died by itself: the model is failed; the next caller loads it again."""
         slot = self._slot(name)

@@ -8,7 +8,9 @@ status file's):
 - `POST /acquire {"model": name}` waits until the model's engine answers and
   returns its URL (200), or the load's failure sentence (503), or the names
   served (404); the wrapper then holds a lease on the model;
-- `POST /release {"model": name}` gives the lease back.
+- `POST /release {"model": name}` gives the lease back;
+- `POST /unload {"model": name}` stops the model's engine (409 while it has
+  requests in flight or is loading); loading on request is an acquire and a release.
 
 A wrapper holds one lease per model while it has requests in flight for it,
 so steady traffic costs no call here. The `EnginePool` decides which engines
@@ -89,6 +91,7 @@ class ModelEngines:
         app = web.Application()
         app.router.add_post("/acquire", self._acquire)
         app.router.add_post("/release", self._release)
+        app.router.add_post("/unload", self._unload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(socket_path)).start()
@@ -120,6 +123,16 @@ class ModelEngines:
         try:
             self.pool.release(name)
         except (UnknownModel, RuntimeError) as error:
+            return web.json_response({"error": str(error)}, status=409)
+        return web.json_response({})
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        name = await _model_of(request)
+        try:
+            await self.pool.unload(name)
+        except UnknownModel as error:
+            return web.json_response({"error": str(error), "models": list(error.names)}, status=404)
+        except RuntimeError as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response({})
 

@@ -114,6 +114,15 @@ class ModelRouter:
             self._releases.add(release)
             release.add_done_callback(self._releases.discard)
 
+    async def load(self, model: str) -> None:
+        """An operator's load: the model's engine started (if needed), then left idle."""
+        async with self.lease(self.check(model)):
+            pass
+
+    async def unload(self, model: str) -> None:
+        """An operator's unload: the model's engine stopped; 409 while it has requests in flight."""
+        await self._call("unload", self.check(model))
+
     async def _acquire(self, model: str) -> str:
         return str((await self._call("acquire", model))["url"])
 
@@ -137,6 +146,8 @@ class ModelRouter:
             ) from None
         if response.status == 503:
             raise unavailable(str(payload.get("error")), retry_after_s=30, code="model_load_failed")
+        if response.status == 409:
+            raise APIError(409, str(payload.get("error")), param="model", code="model_busy")
         if response.status != 200:
             raise APIError(response.status, str(payload.get("error")), param="model", code="model_not_found")
         return payload

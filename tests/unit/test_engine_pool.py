@@ -318,3 +318,27 @@ async def test_an_engine_that_dies_marks_its_model_failed_and_the_next_caller_re
     assert {"a": "loading", "b": "unloaded"} in changes and changes[-1]["a"] == "failed"
     again = await pool.acquire("a")
     assert again is not handle and launcher.launches == ["a", "a"] and launcher.most_running == 1
+
+
+async def test_an_operator_unloads_only_a_model_without_requests_in_flight() -> None:
+    launcher = FakeLauncher()
+    pool = make_pool(launcher, max_loaded=2)
+    await pool.acquire("a")
+    with pytest.raises(RuntimeError, match="requests in flight"):
+        await pool.unload("a")
+
+    pool.release("a")
+    await pool.unload("a")
+    assert states(pool)["a"] == "unloaded" and launcher.running_names() == set()
+
+    gate = launcher.hold("b")
+    caller = asyncio.create_task(pool.acquire("b"))
+    await settle()
+    caller.cancel()  # the load goes on without anyone in flight
+    await asyncio.gather(caller, return_exceptions=True)
+    with pytest.raises(RuntimeError, match="is loading"):
+        await pool.unload("b")
+    gate.set()
+    await settle()
+    await pool.unload("b")
+    assert states(pool)["b"] == "unloaded"

@@ -23,7 +23,8 @@ from app.lifecycle.engine_pool import LoadFailed
 from app.lifecycle.model_engines import ModelEngines
 from app.lifecycle.status import Phase, StartupStatus, write_status
 from tests.fake_engine import FakeEngine
-from tests.inprocess import Wrapper, running_models_wrapper
+from app.routes import build_route_table
+from tests.inprocess import Wrapper, running_models_wrapper, running_wrapper
 
 MODELS = "a=org/a,b=org/b"
 
@@ -212,3 +213,35 @@ async def test_a_stream_whose_model_is_there_at_once_gets_the_engines_own_status
 
     assert response.status_code == 400  # no keep-alive began the stream: the engine's refusal is the answer
     assert response.json()["error"]["message"] == "This prompt is refused."
+
+
+async def test_operators_list_load_and_unload_models(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        listed = await client.get("/admin/models")
+        loaded = await client.post("/admin/models/load", json={"model": "b"})
+        unloaded = await client.post("/admin/models/unload", json={"model": "b"})
+        unknown = await client.post("/admin/models/load", json={"model": "c"})
+
+    def states(response: httpx.Response) -> dict[str, str]:
+        assert response.status_code == 200, response.text
+        return {entry["id"]: entry["state"] for entry in response.json()["data"]}
+
+    assert states(listed) == {"a": "unloaded", "b": "unloaded"}
+    assert states(loaded) == {"a": "unloaded", "b": "loaded"}
+    assert states(unloaded) == {"a": "unloaded", "b": "unloaded"}
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    # They take the API key whatever PUBLIC_METRICS says, and never an engine slot.
+    for path in ("/admin/models", "/admin/models/load", "/admin/models/unload"):
+        route = build_route_table().match(path)
+        assert (route.access, route.admitted) == ("key", False)
+
+
+async def test_admin_model_routes_say_they_need_models() -> None:
+    engine = FakeEngine()
+    await engine.start()
+    try:
+        async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
+            response = await client.get("/admin/models")
+    finally:
+        await engine.stop()
+    assert response.status_code == 404 and "MODELS" in response.json()["error"]["message"]
