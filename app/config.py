@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -23,6 +23,9 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.cpus import auto_workers
+
+if TYPE_CHECKING:
+    from app.catalog import ModelCatalog
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 # Where RunPod mounts a network volume: Serverless workers, then pods.
@@ -62,6 +65,21 @@ class Settings(BaseSettings):
             "Model name clients send in `model`; comma-separated names are all accepted and the first is reported "
             "(default: a local directory's folder name, a Hub snapshot's Hub id, else MODEL_NAME)."
         ),
+    )
+    MODELS: str = Field(
+        "",
+        description=(
+            "Several models in one deployment, loaded when a request names them: comma-separated "
+            "[served-name=]hub-id-or-directory (MODEL_NAME and SERVED_MODEL_NAME are then ignored)."
+        ),
+    )
+    MODELS_CONFIG: str | None = Field(
+        None, description="YAML or JSON file of per-model settings for MODELS: served-name: {SETTING: value}."
+    )
+    MAX_LOADED_MODELS: int = Field(1, ge=1, description="With MODELS, most engines running at once; the least recently used idle one is stopped first.")
+    MODEL_IDLE_TTL_S: float = Field(0.0, ge=0, description="With MODELS, a model unused this long is unloaded (0: never).")
+    MODELS_DOWNLOAD: Literal["eager", "lazy"] = Field(
+        "eager", description="With MODELS: check and download every model at start (eager), or each at its first request (lazy)."
     )
     HF_TOKEN: SecretStr | None = Field(
         None, description="Hugging Face token for gated or private models. Never logged."
@@ -269,7 +287,7 @@ class Settings(BaseSettings):
         "MAX_NUM_SEQS", "MAX_BATCHED_TOKENS", "PORT_HEALTH",
         "DISTRIBUTED_EXECUTOR_BACKEND", "HF_TOKEN", "API_KEY", "CONVERSATIONS_DB_URL",
         "TOOL_CALL_PARSER", "REASONING_PARSER", "CHAT_TEMPLATE", "SPECULATIVE_CONFIG", "KV_CACHE_DTYPE",
-        "GENERATION_CONFIG", "LOAD_FORMAT", "MM_PROCESSOR_CACHE_GB",
+        "GENERATION_CONFIG", "LOAD_FORMAT", "MM_PROCESSOR_CACHE_GB", "MODELS_CONFIG",
         mode="before",
     )
     @classmethod
@@ -353,6 +371,15 @@ class Settings(BaseSettings):
         if self.SERVED_MODEL_NAME:
             return tuple(dict.fromkeys(split_csv(self.SERVED_MODEL_NAME)))
         return (self.MODEL_NAME,) if self.ENGINE_URL else model_aliases(self.MODEL_NAME)
+
+    @cached_property
+    def catalog(self) -> ModelCatalog | None:
+        """The models of a multi-model deployment (MODELS); None when MODEL_NAME serves one model."""
+        from app.catalog import ModelCatalog
+
+        if not self.MODELS.strip():
+            return None
+        return ModelCatalog.build(self, self.MODELS, self.MODELS_CONFIG)
 
     @property
     def served_model_name(self) -> str:
@@ -451,6 +478,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     try:
         settings = Settings(**{key.upper(): value for key, value in values.items()})
         _ = settings.lora_modules
+        _ = settings.catalog
         return settings
     except ValidationError as exc:
         raise ConfigError(_describe(exc, values)) from None

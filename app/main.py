@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from app import __version__
+from app.admin import build_admin_router
 from app.errors import APIError
 from app.frontdoor import FrontDoor
 from app.generate.routes import GenerateService, build_router
@@ -62,6 +63,7 @@ def create_app(services: Services) -> ASGIApp:
 
     app.include_router(_operations_router(services))
     app.include_router(build_router(GenerateService(settings, services.engine, services.store)))
+    app.include_router(build_admin_router(services.models))
 
     served: ASGIApp = AccessLog(FrontDoor(
         app,

@@ -46,7 +46,9 @@ class Snapshot:
 
 
 class Readiness:
-    def __init__(self, status_file: Path | None, engine_url: str, is_draining: Callable[[], bool]) -> None:
+    def __init__(self, status_file: Path | None, engine_url: str | None, is_draining: Callable[[], bool]) -> None:
+        """`engine_url` None: several models (MODELS), each engine started on demand; ready means the
+        supervisor answers for them, and each model's state is in the status file."""
         self.status_file = status_file
         self.engine_url = engine_url
         self._is_draining = is_draining
@@ -72,6 +74,8 @@ class Readiness:
         return Path(settings.MODEL_NAME) if settings.is_local_model else None
 
     async def engine_healthy(self) -> bool:
+        if self.engine_url is None:
+            return True
         if time.monotonic() - self._checked_at < ENGINE_CHECK_TTL_S:
             return self._engine_ok
         async with self._check_lock:

@@ -96,6 +96,10 @@ WRAPPER_ROUTES: tuple[Route, ...] = (
     Route("/generate", POST, "wrapper", admitted=True, body="json"),
     Route("/conversations", GET, "wrapper"),
     Route("/conversations/{id}", GET | {"DELETE"}, "wrapper"),
+    # With MODELS: every model with its state, and loading or unloading one (the API key, always).
+    Route("/admin/models", GET, "wrapper"),
+    Route("/admin/models/load", POST, "wrapper", body="json"),
+    Route("/admin/models/unload", POST, "wrapper", body="json"),
 )
 
 UNKNOWN = Route(OTHER, frozenset(), "unknown")

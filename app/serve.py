@@ -37,7 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import ConfigError, Settings, load_settings
 from app.errors import APIError
-from app.lifecycle.status import STATUS_FILE_ENV
+from app.lifecycle.status import CONTROL_SOCKET_ENV, STATUS_FILE_ENV
 from app.main import create_app
 from app.observability.logging import configure_logging, install_secret_redaction, uvicorn_log_config
 from app.request_progress import EXTENSION, RequestProgress
@@ -258,9 +258,11 @@ def listening_sockets(settings: Settings) -> list[socket.socket]:
     return sockets
 
 
-def build_server(settings: Settings, status_file: Path | None = None, *, log_config: bool = True) -> DrainingServer:
+def build_server(
+    settings: Settings, status_file: Path | None = None, *, log_config: bool = True, control_socket: str | None = None
+) -> DrainingServer:
     """The wrapper's server, as `main` runs it (tests run it in-process with `log_config=False`)."""
-    services = Services.build(settings, status_file)
+    services = Services.build(settings, status_file, control_socket)
     config = uvicorn.Config(
         create_app(services),
         loop="uvloop",
@@ -284,7 +286,9 @@ def main() -> int:
     configure_logging(settings.LOG_FORMAT, settings.LOG_LEVEL)
     install_secret_redaction(settings.secret_values)
     status_file = os.environ.get(STATUS_FILE_ENV)
-    server = build_server(settings, Path(status_file) if status_file else None)
+    server = build_server(
+        settings, Path(status_file) if status_file else None, control_socket=os.environ.get(CONTROL_SOCKET_ENV)
+    )
     # Everything loaded so far lives as long as the process, and a request leaves
     # no reference cycles (tests/unit/test_proxy_in_process.py): keep the long-lived
     # objects out of the collector's scans.

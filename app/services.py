@@ -15,11 +15,12 @@ from pathlib import Path
 
 from app.auth import KeyCheck
 from app.capabilities import Capabilities, model_capabilities
-from app.config import Settings
+from app.config import ConfigError, Settings
 from app.generate.store import ConversationStore, build_store
 from app.media.service import MediaService
 from app.proxy.engine import EngineClient
 from app.proxy.gateway import Gateway
+from app.proxy.models import ModelRouter
 from app.proxy.relay import Relay
 from app.readiness import Readiness
 from app.routes import RouteTable, build_route_table
@@ -38,12 +39,21 @@ class Services:
     media: MediaService
     relay: Relay
     store: ConversationStore | None
+    models: ModelRouter | None  # with MODELS: which engine a request's model goes to
     _capabilities: Capabilities | None = field(default=None, init=False)
 
     @classmethod
-    def build(cls, settings: Settings, status_file: Path | None = None) -> Services:
+    def build(cls, settings: Settings, status_file: Path | None = None, control_socket: str | None = None) -> Services:
         gateway = Gateway(settings)
-        readiness = Readiness(status_file, settings.engine_url, is_draining=lambda: gateway.draining)
+        models = None
+        if settings.catalog is not None:
+            if control_socket is None:
+                raise ConfigError("MODELS needs the supervisor: start the image with scripts/start.sh.")
+            models = ModelRouter(settings.catalog.names, control_socket, settings.REQUEST_TIMEOUT_S)
+        engine_url = None if models is not None else settings.engine_url
+        readiness = Readiness(status_file, engine_url, is_draining=lambda: gateway.draining)
+        if models is not None:
+            models.states = lambda: status.models if (status := readiness.lifecycle()) else {}
         engine = EngineClient(settings, readiness)
         media = MediaService(settings, readiness)
         routes = build_route_table()
@@ -57,12 +67,15 @@ class Services:
             readiness=readiness,
             engine=engine,
             media=media,
-            relay=Relay(settings, engine, media),
+            relay=Relay(settings, engine, media, models),
             store=build_store(settings),
+            models=models,
         )
 
     async def start(self) -> None:
         await self.engine.start()
+        if self.models is not None:
+            await self.models.start()
         await self.media.start()
         if self.store is not None:
             await self.store.start()
@@ -71,6 +84,8 @@ class Services:
         if self.store is not None:
             await self.store.close()
         await self.media.close()
+        if self.models is not None:
+            await self.models.close()
         await self.engine.close()
 
     def capabilities(self) -> Capabilities:

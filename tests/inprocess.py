@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -68,8 +69,19 @@ async def running_wrapper(engine_url: str, **env: str) -> AsyncIterator[Wrapper]
 
 
 @asynccontextmanager
-async def _serving(settings: Settings) -> AsyncIterator[Wrapper]:
-    server = build_server(settings, log_config=False)
+async def running_models_wrapper(control_socket: str, status_file: Path, **env: str) -> AsyncIterator[Wrapper]:
+    """The wrapper of a multi-model deployment (MODELS in `env`), asking `control_socket` for the engines."""
+    with tempfile.TemporaryDirectory(prefix="wrapper-") as cache:
+        settings = load_settings({"HF_HOME": cache, **env})
+        async with _serving(settings, status_file, control_socket) as wrapper:
+            yield wrapper
+
+
+@asynccontextmanager
+async def _serving(
+    settings: Settings, status_file: Path | None = None, control_socket: str | None = None
+) -> AsyncIterator[Wrapper]:
+    server = build_server(settings, status_file, log_config=False, control_socket=control_socket)
     sock = bind("127.0.0.1", 0, reuse_port=False)
     port = sock.getsockname()[1]
     access = _Collect()

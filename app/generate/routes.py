@@ -75,6 +75,11 @@ class GenerateService:
 
     async def generate(self, body: GenerateRequest, owner: str, record: RequestRecord, reply: Reply) -> None:
         settings = self.settings
+        if settings.catalog is not None:
+            raise APIError(
+                400, "/generate does not pick a model in a multi-model deployment (MODELS) yet; use "
+                "/v1/chat/completions, whose `model` names it.", code="unsupported_route",
+            )
         record.model = settings.served_model_name
         record.stream = body.stream
         model_max_len = (await self.engine.facts()).get("max_model_len")

@@ -51,13 +51,15 @@ def prepare_model(
     on_phase: Callable[[Phase], None],
     on_progress: Callable[[DownloadProgress], None],
     before_download: Callable[[], None] = lambda: None,
+    model_setting: str = "MODEL_NAME",
 ) -> PreparedModel:
     """Local paths for the model and adapters; raises StartupError with the fix on fatal problems.
 
     on_phase gets PREFLIGHT and DOWNLOADING only when something has to be fetched; before_download
     is called between the Hub's listing and the first file (it may raise StartupError to stop there).
+    model_setting is the variable that names the model in the sentences (MODELS in a multi-model deployment).
     """
-    model = _locate(settings.MODEL_NAME, settings.MODEL_REVISION, "MODEL_NAME", f"MODEL_NAME '{settings.MODEL_NAME}'")
+    model = _locate(settings.MODEL_NAME, settings.MODEL_REVISION, model_setting, f"{model_setting} '{settings.MODEL_NAME}'")
     adapters = {
         name: _locate(target, None, "LORA_MODULES", f"LORA_MODULES adapter '{name}={target}'")
         for name, target in settings.lora_modules.items()

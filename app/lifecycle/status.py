@@ -18,6 +18,8 @@ from pathlib import Path
 
 # The supervisor tells its wrapper processes where the status file is.
 STATUS_FILE_ENV = "APP_STATUS_FILE"
+# ... and, with MODELS, where the control socket of the models' engines is (app/lifecycle/model_engines.py).
+CONTROL_SOCKET_ENV = "APP_CONTROL_SOCKET"
 # Bounds on the log tail in the status file, which every probe reads.
 LOG_TAIL_LINES = 20
 LOG_TAIL_LINE_CHARS = 1000
@@ -68,6 +70,8 @@ class StartupStatus:
     engine_restarts: int = 0
     # Settings a memory retry changed, each {"setting", "from", "to", "reason"}.
     startup_adjustments: list[dict[str, object]] = field(default_factory=list)
+    # With MODELS: every model's state ("unloaded", "loading", "loaded", "unloading", "failed") and error.
+    models: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def enter(self, phase: Phase, error: str | None = None, log_tail: Sequence[str] = ()) -> None:
         """Start `phase`; `error` and the engine's `log_tail` behind it replace the previous ones."""
@@ -91,6 +95,8 @@ class StartupStatus:
             "engine_restarts": self.engine_restarts,
             "startup_adjustments": list(self.startup_adjustments),
         }
+        if self.models:
+            body["models"] = {name: dict(model) for name, model in self.models.items()}
         if private:
             body["engine_log_tail"] = list(self.engine_log_tail)
         return body
@@ -126,4 +132,5 @@ def read_status(path: Path) -> StartupStatus | None:
         model_path=data.get("model_path"),
         engine_restarts=data.get("engine_restarts", 0),
         startup_adjustments=list(data.get("startup_adjustments") or []),
+        models=dict(data.get("models") or {}),
     )

@@ -39,16 +39,25 @@ from pathlib import Path
 
 import aiohttp
 
+from app.catalog import ModelCatalog
 from app.config import ConfigError, Settings, load_settings
 from app.lifecycle.compile_cache import with_compile_cache
 from app.lifecycle.engine_args import build_engine_args, build_engine_launch, engine_env, resolve_device
 from app.lifecycle.flag_check import EngineFacts, check_argv, check_engine_flags, check_environment, spot_refusal
 from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.memory_retry import Retry, describe, plan_retry
+from app.lifecycle.model_engines import ModelEngines
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
 from app.lifecycle.startup_errors import StartupError, classify_engine_failure
-from app.lifecycle.status import STATUS_FILE_ENV, DownloadProgress, Phase, StartupStatus, write_status
+from app.lifecycle.status import (
+    CONTROL_SOCKET_ENV,
+    STATUS_FILE_ENV,
+    DownloadProgress,
+    Phase,
+    StartupStatus,
+    write_status,
+)
 from app.lifecycle.warmup import warm_up
 from app.media import detect_modalities
 from app.observability.logging import configure_logging, install_secret_redaction
@@ -83,6 +92,11 @@ class StatusBoard:
                 log.info("phase", extra={"phase": phase.value, "error": error})
             write_status(self.path, self.status)
 
+    def models(self, models: dict[str, dict[str, object]]) -> None:
+        with self._lock:
+            self.status.models = models
+            write_status(self.path, self.status)
+
     def progress(self, progress: DownloadProgress) -> None:
         with self._lock:
             self.status.download = progress
@@ -104,6 +118,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.session: aiohttp.ClientSession | None = None
         self.flag_check: asyncio.Future[str | None] | None = None
+        self.model_engines: ModelEngines | None = None
 
     # --- main loop ----------------------------------------------------------
     async def run(self) -> int:
@@ -153,6 +168,8 @@ class Supervisor:
         if drain:
             self.board.enter(Phase.DRAINING)
         await asyncio.gather(*stopping)
+        if self.model_engines is not None:
+            await self.model_engines.close()
         if self.engine is not None:
             await self.engine.stop(ENGINE_STOP_TIMEOUT_S)
         log.info("stopped", extra={"exit_code": code})
@@ -161,6 +178,8 @@ class Supervisor:
     # --- wrapper ------------------------------------------------------------
     async def _start_wrappers(self) -> None:
         env = {**os.environ, STATUS_FILE_ENV: str(self.board.path)}
+        if self.settings.catalog is not None:
+            env[CONTROL_SOCKET_ENV] = str(self.control_socket)
         if self.settings.WORKERS > 1:
             metrics_dir = self.runtime_dir / "metrics"
             prepare_multiproc_dir(metrics_dir)
@@ -178,6 +197,8 @@ class Supervisor:
             await self._wait_until_healthy(None, timeout_s=None)
             self.board.enter(Phase.READY)
             return await self._forever()
+        if self.settings.catalog is not None:
+            return await self._serve_models(self.settings.catalog)
         if (sentence := self._spot_check_engine_flags()) is not None:
             return await self._startup_failed(sentence)
         # The full check runs while the Hub is asked for the listing or a local model loads; the download
@@ -260,6 +281,35 @@ class Supervisor:
             extra={"reason": retry.reason, "changed": changed},
         )
         self.board.adjusted([{**change, "reason": retry.reason} for change in changed])
+
+    async def _serve_models(self, catalog: ModelCatalog) -> int:
+        """MODELS: no engine yet; each starts when a request names its model (`ModelEngines`)."""
+        facts = EngineFacts.load()
+        refusals = [
+            f"Model '{model.name}': {sentence}" for model in catalog
+            if facts is not None and (sentence := spot_refusal(check_argv(model.settings), model.settings, facts))
+        ]
+        if refusals:
+            return await self._startup_failed(" ".join(refusals))
+        assert self.session is not None
+        self.model_engines = ModelEngines(
+            catalog, self.session, max_loaded=self.settings.MAX_LOADED_MODELS,
+            idle_ttl_s=self.settings.MODEL_IDLE_TTL_S, publish=self.board.models,
+        )
+        if self.settings.MODELS_DOWNLOAD == "eager":
+            self.board.enter(Phase.PREFLIGHT)
+            if failures := await self.model_engines.prepare_all(self.board.enter):
+                return await self._startup_failed(" ".join(failures))
+        serving = asyncio.ensure_future(self.model_engines.serve(self.control_socket))
+        await asyncio.sleep(0)
+        self.board.enter(Phase.READY)
+        log.info("ready", extra={"models": list(catalog.names), "max_loaded_models": self.settings.MAX_LOADED_MODELS})
+        await serving
+        return 0
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
 
     async def _serve(self, engine: ChildProcess) -> str:
         """Wait while the engine serves; the sentence that says why it stopped (it is gone by then)."""
@@ -390,6 +440,8 @@ def main() -> int:
     try:
         settings = load_settings()
         build_engine_args(settings, settings.MODEL_NAME, frozenset())
+        for model in settings.catalog or ():
+            build_engine_args(model.settings, model.source, frozenset())
     except ConfigError as error:
         print(f"vllm-inference-api: {error}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ class RequestRecord:
     images: int = 0
     videos: int = 0
     queue_wait_s: float = 0.0
+    load_wait_s: float | None = None  # with MODELS: the wait for the model's engine (0 when it was loaded)
     error_cause: str | None = None
 
     @property

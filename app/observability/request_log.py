@@ -49,6 +49,8 @@ def request_summary(record: RequestRecord) -> dict[str, object]:
         "client": record.client,
         "queue_wait_ms": _ms(record.queue_wait_s),
     }
+    if record.load_wait_s is not None:
+        fields["load_wait_ms"] = _ms(record.load_wait_s)
     if record.error_cause:
         fields["error"] = record.error_cause
     return fields

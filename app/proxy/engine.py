@@ -55,6 +55,7 @@ class EngineClient:
         self._total_s = settings.REQUEST_TIMEOUT_S
         self._idle_s = settings.STREAM_IDLE_TIMEOUT_S
         self._pool = UpstreamPool(self.url)
+        self._model_pools: dict[str, UpstreamPool] = {}  # with MODELS: one per model's engine
         self._session: aiohttp.ClientSession | None = None
         # Tasks inside `call`, and those that abort_all cancelled.
         self._calls: set[asyncio.Task[Any]] = set()
@@ -72,6 +73,8 @@ class EngineClient:
 
     async def close(self) -> None:
         self._pool.close()
+        for pool in self._model_pools.values():
+            pool.close()
         if self._session is not None:
             await self._session.close()
 
@@ -88,16 +91,27 @@ class EngineClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | Headers | None = None,
         stream: bool = False,
+        base_url: str | None = None,
     ) -> Exchange:
         """One exchange with the engine, as `async with client.call(...) as response:`.
 
         Every failure inside, reading included, becomes an `APIError`. `path`
         is already encoded, query string included. With `stream`, the engine
         may also be silent for at most STREAM_IDLE_TIMEOUT_S at a time.
+        `base_url` is the engine's when it is not the settings' one (a
+        model's engine, with MODELS).
         """
         if isinstance(headers, Mapping):
             headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
-        return Exchange(self, method, path, body, headers or (), stream)
+        return Exchange(self, self._pool_for(base_url), method, path, body, headers or (), stream)
+
+    def _pool_for(self, base_url: str | None) -> UpstreamPool:
+        if base_url is None or base_url == self.url:
+            return self._pool
+        pool = self._model_pools.get(base_url)
+        if pool is None:
+            pool = self._model_pools[base_url] = UpstreamPool(base_url)
+        return pool
 
     async def _failure(self, error: BaseException, task: asyncio.Task[Any]) -> BaseException:
         """The error to raise for `error` during an exchange (`error` itself when it is not the engine's)."""
@@ -197,11 +211,12 @@ class Exchange:
     every relayed request.
     """
 
-    __slots__ = ("_body", "_client", "_headers", "_method", "_path", "_response", "_stream", "_task")
+    __slots__ = ("_body", "_client", "_headers", "_method", "_path", "_pool", "_response", "_stream", "_task")
 
-    def __init__(self, client: EngineClient, method: str, path: str, body: bytes | None, headers: Headers,
-                 stream: bool) -> None:
+    def __init__(self, client: EngineClient, pool: UpstreamPool, method: str, path: str, body: bytes | None,
+                 headers: Headers, stream: bool) -> None:
         self._client = client
+        self._pool = pool
         self._method = method
         self._path = path
         self._body = body
@@ -238,11 +253,11 @@ class Exchange:
         client = self._client
         idle_s = client._idle_s if self._stream else None
         try:
-            return await client._pool.send(
+            return await self._pool.send(
                 self._method, self._path, self._headers, self._body, total_s=client._total_s, idle_s=idle_s
             )
         except ConnectionClosed:
-            return await client._pool.send(
+            return await self._pool.send(
                 self._method, self._path, self._headers, self._body, total_s=client._total_s, idle_s=idle_s,
                 fresh=True,
             )
@@ -250,7 +265,7 @@ class Exchange:
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> bool:
         client = self._client
         assert self._response is not None and self._task is not None
-        client._pool.release(self._response)
+        self._pool.release(self._response)
         client._calls.discard(self._task)
         if error is None:
             return False

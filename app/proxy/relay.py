@@ -9,7 +9,10 @@ body's size and read deadline, and holds the request's engine slot. Here:
    a multipart body (audio) is relayed as it is;
 2. the request goes to the engine on the shared connection pool
    (`EngineClient.call`), and the answer comes back chunk by chunk as it
-   arrives, with keep-alive comments before the first token.
+   arrives, with keep-alive comments before the first token. With MODELS,
+   the engine is the one of the model the body names, leased (and loaded
+   if needed) through `app.proxy.models.ModelRouter`; /v1/models is answered
+   here with every model's state.
 
 This is the hot path of every token, so it is plain ASGI, not a FastAPI
 route: no routing table, no response classes, no per-chunk allocations
@@ -19,8 +22,10 @@ error, or an error event once a stream began).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from functools import partial
 from typing import Any
 
 from app.auth import header
@@ -29,7 +34,8 @@ from app.errors import APIError, openai_error_body
 from app.media.service import MediaService
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
-from app.proxy.reply import DONE, Reply, serve_exchange
+from app.proxy.models import ModelRouter, plain_wait
+from app.proxy.reply import DONE, KEEPALIVE, SSE_HEADERS, Reply, serve_exchange
 from app.proxy.upstream import UpstreamResponse
 from app.proxy.usage import UsageFilter, read_json_usage
 from app.request_progress import progress_of
@@ -37,6 +43,7 @@ from app.routes import Route, canonical_path
 
 Scope = dict[str, Any]
 
+MODELS_PATH = "/v1/models"
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 HOP_BY_HOP = frozenset(
     {
@@ -49,9 +56,11 @@ RESPONSE_SKIP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b
 
 
 class Relay:
-    def __init__(self, settings: Settings, engine: EngineClient, media: MediaService) -> None:
+    def __init__(
+        self, settings: Settings, engine: EngineClient, media: MediaService, models: ModelRouter | None = None
+    ) -> None:
         self._engine = engine
-        self._engine_url = engine.url.encode("latin-1")
+        self._models = models
         self._media = media
         self._served_model = settings.served_model_name
         self._served_names = frozenset(settings.served_model_names)
@@ -61,8 +70,19 @@ class Relay:
         self, scope: Scope, receive: Any, send: Any, route: Route, body: bytes, record: RequestRecord
     ) -> None:
         async def relay(reply: Reply) -> None:
+            if self._models is not None and route.label == MODELS_PATH:
+                record.status = 200
+                await _send_json(reply, self._models.listing())
+                return
             prepared, strip_usage = await self._prepare(scope, route, body, record)
-            await self._forward(reply, scope, prepared, record, strip_usage)
+            if self._models is None:
+                await self._forward(reply, scope, prepared, record, strip_usage, self._engine.url)
+                return
+            asked = time.perf_counter()
+            wait = partial(self._wait_with_keepalives, reply) if record.stream else plain_wait
+            async with self._models.lease(record.model, wait) as url:
+                record.load_wait_s = time.perf_counter() - asked
+                await self._forward(reply, scope, prepared, record, strip_usage, url)
 
         try:
             await serve_exchange(send, receive, record, relay, progress_of(scope))
@@ -72,6 +92,11 @@ class Relay:
     async def _prepare(self, scope: Scope, route: Route, body: bytes, record: RequestRecord) -> tuple[bytes, bool]:
         """Check the body; returns (body to send, whether to strip the usage block the wrapper asked for)."""
         record.model = self._served_model
+        if self._models is not None and not (route.body == "json" and scope["method"] == "POST"):
+            raise APIError(
+                400, f"{route.label} is not routed to a model in a multi-model deployment (MODELS) yet; "
+                "use a route whose JSON body names the model.", code="unsupported_route",
+            )
         if route.body == "multipart":
             content_type = header(scope["headers"], b"content-type") or b""
             if not content_type.lower().startswith(b"multipart/form-data"):
@@ -84,7 +109,9 @@ class Relay:
             return b"", False
         payload = parse_json_object(body)
         model = payload.get("model")
-        if isinstance(model, str):
+        if self._models is not None:
+            record.model = self._models.check(model)
+        elif isinstance(model, str):
             # Every name the model is served under counts as the one it reports.
             record.model = self._served_model if model in self._served_names else model
         counts = await self._media.prepare(route.label, payload)
@@ -100,19 +127,38 @@ class Relay:
                     changed = strip_usage = True
         return (encode_json(payload) if changed else body), strip_usage
 
-    async def _forward(self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool) -> None:
+    async def _wait_with_keepalives(self, reply: Reply, acquiring: asyncio.Future[str]) -> str:
+        """A stream whose model takes longer than SSE_KEEPALIVE_S to be there (it is loading) begins with
+        keep-alive comments until it is; a quicker one is answered as usual."""
+        while True:
+            done, _ = await asyncio.wait((acquiring,), timeout=self._keepalive_s)
+            if done:
+                return acquiring.result()
+            if not reply.started:
+                await reply.start(200, SSE_HEADERS)
+            await reply.chunk(KEEPALIVE)
+
+    async def _forward(
+        self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool, engine_url: str
+    ) -> None:
         path = canonical_path(scope["raw_path"].decode("latin-1")) + _query(scope)
         async with self._engine.call(
             scope["method"], path, body=body or None, headers=_forward_headers(scope, record.request_id),
-            stream=record.stream,
+            stream=record.stream, base_url=engine_url,
         ) as response:
             record.status = response.status
-            headers = self._response_headers(response)
+            headers = _response_headers(response, engine_url)
             if response.content_type == "text/event-stream":
-                await reply.start(response.status, headers)
+                if not reply.started:  # a stream that waited for its model began with keep-alives
+                    await reply.start(response.status, headers)
                 await self._relay_stream(reply, response, record, strip_usage)
                 return
             payload = answer = await response.read()
+            if reply.started:
+                # The stream began while the model loaded; the engine's refusal becomes its last event.
+                record.error_cause = "engine_error" if response.status >= 500 else "client_error"
+                await reply.finish(b"data: " + (openai_error_body(response.status, payload) or payload) + b"\n\n" + DONE)
+                return
             if response.status >= 400:
                 record.error_cause = "engine_error" if response.status >= 500 else "client_error"
                 reshaped = openai_error_body(response.status, payload)
@@ -125,18 +171,6 @@ class Relay:
             await reply.finish(answer)
             # The client has its answer (the write happened above): the counting is off its path.
             record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
-
-    def _response_headers(self, response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
-        headers = []
-        for name, value in response.headers:
-            lower = name.lower()
-            if lower in RESPONSE_SKIP:
-                continue
-            if lower == b"location" and value.startswith(self._engine_url):
-                # The engine's own address means nothing to a client: make the redirect relative.
-                value = value[len(self._engine_url):] or b"/"
-            headers.append((lower, value))
-        return headers
 
     async def _relay_stream(
         self, reply: Reply, response: UpstreamResponse, record: RequestRecord, strip_usage: bool
@@ -159,6 +193,26 @@ class Relay:
             chunk = await content.readany()
         record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         await reply.finish(usage.flush())
+
+
+def _response_headers(response: UpstreamResponse, engine_url: str) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower in RESPONSE_SKIP:
+            continue
+        if lower == b"location":
+            # The engine's own address means nothing to a client: make the redirect relative.
+            own = engine_url.encode("latin-1")
+            if value.startswith(own):
+                value = value[len(own):] or b"/"
+        headers.append((lower, value))
+    return headers
+
+
+async def _send_json(reply: Reply, payload: bytes) -> None:
+    await reply.start(200, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())])
+    await reply.finish(payload)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -340,3 +340,13 @@ def test_a_line_left_when_a_loop_closed_goes_out_with_the_next_loop() -> None:
         logger.removeHandler(handler)
         logger.propagate = True
     assert [json.loads(line)["message"] for call in stream.calls for line in call.splitlines()] == ["first", "second"]
+
+
+def test_a_request_that_waited_for_its_model_says_how_long(output: Callable[[], list[str]]) -> None:
+    configure_logging("json", "INFO")
+    log_request(finished_record(load_wait_s=42.5))
+    log_request(finished_record())
+
+    waited, single_model = (json.loads(line) for line in output())
+    assert waited["load_wait_ms"] == 42500.0
+    assert "load_wait_ms" not in single_model  # only with MODELS

@@ -1,0 +1,247 @@
+"""The wrapper of a multi-model deployment (MODELS), in-process: requests go to the engine of the model they name.
+
+The supervisor's side runs for real (`ModelEngines`, its control socket and the status file it writes),
+but its engines are `tests.fake_engine` stand-ins, one per model, so what reached which engine can be
+counted; tests/e2e/test_multi_model*.py run the same paths on the real CPU engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest_asyncio
+
+from app.catalog import ModelCatalog
+from app.config import load_settings
+from app.lifecycle.engine_pool import LoadFailed
+from app.lifecycle.model_engines import ModelEngines
+from app.lifecycle.status import Phase, StartupStatus, write_status
+from tests.fake_engine import FakeEngine
+from app.routes import build_route_table
+from tests.inprocess import Wrapper, running_models_wrapper, running_wrapper
+
+MODELS = "a=org/a,b=org/b"
+
+
+class StandInHandle:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def stop(self) -> None:
+        pass
+
+
+class FakeEngines(ModelEngines):
+    """ModelEngines whose 'engines' are the running fake engines, one per model."""
+
+    def __init__(self, *args: object, fakes: dict[str, FakeEngine], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.fakes = fakes
+
+    async def _launch(self, name: str) -> StandInHandle:  # type: ignore[override]
+        return StandInHandle(self.fakes[name].url)
+
+
+@dataclass
+class Deployment:
+    wrapper: Wrapper
+    fakes: dict[str, FakeEngine]
+
+
+@pytest_asyncio.fixture
+async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
+    fakes = {"a": FakeEngine(), "b": FakeEngine()}
+    for fake in fakes.values():
+        await fake.start()
+    status_file = tmp_path / "status.json"
+    status = StartupStatus(phase=Phase.READY)
+
+    def publish(models: dict[str, dict[str, object]]) -> None:
+        status.models = models
+        write_status(status_file, status)
+
+    publish({})
+    catalog = ModelCatalog.build(load_settings({}), MODELS)
+    socket = tmp_path / "control.sock"
+    async with aiohttp.ClientSession() as session:
+        engines = FakeEngines(catalog, session, max_loaded=1, idle_ttl_s=0, publish=publish, fakes=fakes)
+        serving = asyncio.create_task(engines.serve(socket))
+        while not socket.exists():
+            await asyncio.sleep(0.01)
+        async with running_models_wrapper(str(socket), status_file, MODELS=MODELS) as wrapper:
+            yield Deployment(wrapper, fakes)
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await engines.close()
+    for fake in fakes.values():
+        await fake.stop()
+
+
+def chat_body(model: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+
+
+async def test_each_request_reaches_the_engine_of_the_model_it_names(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        for model in ("a", "b", "a"):
+            response = await client.post("/v1/chat/completions", json=chat_body(model))
+            assert response.status_code == 200, response.text
+        listing = (await client.get("/v1/models")).json()
+
+    assert len(deployment.fakes["a"].chat_requests) == 2
+    assert len(deployment.fakes["b"].chat_requests) == 1
+    assert [(entry["id"], entry["state"]) for entry in listing["data"]] == [("a", "loaded"), ("b", "unloaded")]
+    lines = [line for line in await deployment.wrapper.wait_for_lines(4) if line["path"] == "/v1/chat/completions"]
+    assert [line["model"] for line in lines] == ["a", "b", "a"]
+    assert all(line["load_wait_ms"] >= 0 for line in lines)
+
+
+async def test_unknown_or_missing_models_are_refused_before_any_engine(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        unknown = await client.post("/v1/chat/completions", json=chat_body("gpt-4"))
+        missing = await client.post("/v1/chat/completions", json=chat_body(None))
+
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == {
+        "message": "The model 'gpt-4' does not exist; this server serves: a, b.",
+        "type": "not_found_error", "param": "model", "code": "model_not_found",
+    }
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "model_required"
+    assert all(not fake.received for fake in deployment.fakes.values())
+
+
+async def test_routes_that_do_not_name_a_model_say_so(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        generate = await client.post("/generate", json={"prompt": "hello"})
+        stored = await client.get("/v1/responses/resp_1")
+
+    for response in (generate, stored):
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "unsupported_route"
+    assert all(not fake.received for fake in deployment.fakes.values())
+
+
+class GatedEngines(FakeEngines):
+    """FakeEngines whose loads wait for `gate`; a model in `failing` then fails with that sentence."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.failing: dict[str, str] = {}
+
+    async def _launch(self, name: str) -> StandInHandle:  # type: ignore[override]
+        await self.gate.wait()
+        if name in self.failing:
+            raise LoadFailed(self.failing[name])
+        return await super()._launch(name)
+
+
+@pytest_asyncio.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[Wrapper, GatedEngines]]:
+    fakes = {"a": FakeEngine(), "b": FakeEngine()}
+    for fake in fakes.values():
+        await fake.start()
+    status_file = tmp_path / "status.json"
+    write_status(status_file, StartupStatus(phase=Phase.READY))
+    catalog = ModelCatalog.build(load_settings({}), MODELS)
+    socket = tmp_path / "control.sock"
+    async with aiohttp.ClientSession() as session:
+        engines = GatedEngines(catalog, session, max_loaded=1, idle_ttl_s=0, publish=lambda _m: None, fakes=fakes)
+        serving = asyncio.create_task(engines.serve(socket))
+        while not socket.exists():
+            await asyncio.sleep(0.01)
+        async with running_models_wrapper(str(socket), status_file, MODELS=MODELS, SSE_KEEPALIVE_S="0.05") as wrapper:
+            yield wrapper, engines
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await engines.close()
+    for fake in fakes.values():
+        await fake.stop()
+
+
+async def read_until_keepalive(response: httpx.Response) -> tuple[AsyncIterator[bytes], bytes]:
+    chunks = response.aiter_bytes()
+    seen = b""
+    while b": keep-alive" not in seen:
+        seen += await chunks.__anext__()
+    return chunks, seen
+
+
+async def test_a_stream_waiting_for_its_model_gets_keepalives_then_the_answer(
+    gated: tuple[Wrapper, GatedEngines],
+) -> None:
+    wrapper, engines = gated
+    async with wrapper.client() as client:
+        async with client.stream("POST", "/v1/chat/completions", json={**chat_body("a"), "stream": True}) as response:
+            assert response.status_code == 200
+            chunks, seen = await read_until_keepalive(response)
+            engines.gate.set()  # the model's engine is there only now
+            async for chunk in chunks:
+                seen += chunk
+
+    assert seen.startswith(b": keep-alive")
+    assert b"Echo:" in seen
+    assert seen.endswith(b"data: [DONE]\n\n") and b'"error"' not in seen
+
+
+async def test_a_stream_whose_model_fails_to_load_ends_with_the_sentence(gated: tuple[Wrapper, GatedEngines]) -> None:
+    wrapper, engines = gated
+    engines.failing["b"] = "Model 'b' failed to load: its engine ran out of memory."
+    async with wrapper.client() as client:
+        async with client.stream("POST", "/v1/chat/completions", json={**chat_body("b"), "stream": True}) as response:
+            chunks, seen = await read_until_keepalive(response)
+            engines.gate.set()
+            async for chunk in chunks:
+                seen += chunk
+
+    events = [line for line in seen.decode().split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert (error["code"], error["message"]) == ("model_load_failed", "Model 'b' failed to load: its engine ran out of memory.")
+
+
+async def test_a_stream_whose_model_is_there_at_once_gets_the_engines_own_status(deployment: Deployment) -> None:
+    body = {**chat_body("b"), "stream": True, "messages": [{"role": "user", "content": "REFUSE this"}]}
+    async with deployment.wrapper.client() as client:
+        response = await client.post("/v1/chat/completions", json=body)
+
+    assert response.status_code == 400  # no keep-alive began the stream: the engine's refusal is the answer
+    assert response.json()["error"]["message"] == "This prompt is refused."
+
+
+async def test_operators_list_load_and_unload_models(deployment: Deployment) -> None:
+    async with deployment.wrapper.client() as client:
+        listed = await client.get("/admin/models")
+        loaded = await client.post("/admin/models/load", json={"model": "b"})
+        unloaded = await client.post("/admin/models/unload", json={"model": "b"})
+        unknown = await client.post("/admin/models/load", json={"model": "c"})
+
+    def states(response: httpx.Response) -> dict[str, str]:
+        assert response.status_code == 200, response.text
+        return {entry["id"]: entry["state"] for entry in response.json()["data"]}
+
+    assert states(listed) == {"a": "unloaded", "b": "unloaded"}
+    assert states(loaded) == {"a": "unloaded", "b": "loaded"}
+    assert states(unloaded) == {"a": "unloaded", "b": "unloaded"}
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    # They take the API key whatever PUBLIC_METRICS says, and never an engine slot.
+    for path in ("/admin/models", "/admin/models/load", "/admin/models/unload"):
+        route = build_route_table().match(path)
+        assert (route.access, route.admitted) == ("key", False)
+
+
+async def test_admin_model_routes_say_they_need_models() -> None:
+    engine = FakeEngine()
+    await engine.start()
+    try:
+        async with running_wrapper(engine.url) as wrapper, wrapper.client() as client:
+            response = await client.get("/admin/models")
+    finally:
+        await engine.stop()
+    assert response.status_code == 404 and "MODELS" in response.json()["error"]["message"]
