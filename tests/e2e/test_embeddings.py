@@ -55,6 +55,15 @@ def test_a_batch_has_one_vector_of_the_models_size_per_input(embedding_stack: St
     assert line["prompt_tokens"] == embeddings.usage.prompt_tokens > 0
 
 
+def test_the_warm_up_is_an_embedding_and_a_short_input_after_it_is_answered(embedding_stack: Stack) -> None:
+    """The warm-up of a pooling model is an embedding of a sentence; a three-token first
+    request would take the CPU engine down (see app/lifecycle/warmup.py)."""
+    (warmup,) = [line for line in embedding_stack.logs() if line["message"] == "warm-up done"]
+    assert warmup["sent"] == ["embedding"]
+    reply = openai_client(embedding_stack).embeddings.create(model=MODEL, input="Hello")
+    assert len(reply.data[0].embedding) == hidden_size()
+
+
 def test_a_local_directory_is_served_under_its_folder_name(embedding_stack: Stack) -> None:
     assert [model.id for model in openai_client(embedding_stack).models.list().data] == [MODEL]
 
