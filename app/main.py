@@ -62,7 +62,7 @@ def create_app(services: Services) -> ASGIApp:
         return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
 
     app.include_router(_operations_router(services))
-    app.include_router(build_router(GenerateService(settings, services.engine, services.store)))
+    app.include_router(build_router(GenerateService(settings, services.engine, services.store, services.models)))
     app.include_router(build_admin_router(services.models))
 
     served: ASGIApp = AccessLog(FrontDoor(
