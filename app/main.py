@@ -131,7 +131,10 @@ def _operations_router(services: Services) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics_route() -> Response:
-        body, content_type = await metrics.render_metrics(services.engine.session, services.engine.url)
+        if services.models is not None:
+            body, content_type = await metrics.render_models_metrics(services.engine.session, services.loaded_engines())
+        else:
+            body, content_type = await metrics.render_metrics(services.engine.session, services.engine.url)
         return Response(body, media_type=content_type)
 
     @router.get("/info")

@@ -48,6 +48,7 @@ class FakeEngine:
     cut_mid_stream: bool = False  # the connection dropped after the first pieces, like a crash
     stall_after_first: bool = False  # the first piece, then silence
     drop_requests: int = 0  # this many requests get no answer: the connection closes, as a stale keep-alive one does
+    metrics_text: str | None = None  # what GET /metrics answers (Prometheus text); None: 404 as for any unknown route
     received: list[Received] = field(default_factory=list)
     usage_sent: list[dict[str, int]] = field(default_factory=list)
     aborted: int = 0  # streams the wrapper dropped before the end
@@ -78,6 +79,7 @@ class FakeEngine:
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/v1/audio/transcriptions", self._transcription)
         app.router.add_get("/v1/responses/{id}", self._redirect_response)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -116,6 +118,11 @@ class FakeEngine:
     async def _redirect_response(self, request: web.Request) -> web.Response:
         await self._record(request)
         raise web.HTTPTemporaryRedirect(f"{self.url}{request.path}?moved=1")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is None:
+            return await self._unknown(request)
+        return web.Response(text=self.metrics_text, content_type="text/plain")
 
     async def _unknown(self, request: web.Request) -> web.Response:
         await self._record(request)

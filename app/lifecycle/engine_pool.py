@@ -119,6 +119,13 @@ class EnginePool(Generic[H]):
             name: ModelView(slot.state, slot.leases, slot.last_used, slot.error) for name, slot in self._slots.items()
         }
 
+    def loaded(self) -> dict[str, H]:
+        """The handle of every loaded model's engine, by name."""
+        return {
+            name: slot.handle for name, slot in self._slots.items()
+            if slot.state is ModelState.LOADED and slot.handle is not None
+        }
+
     # --- leases -------------------------------------------------------------
     async def acquire(self, name: str) -> H:
         """The model's engine handle, loading it first if needed; the caller then holds a lease.

@@ -16,7 +16,7 @@ A wrapper holds one lease per model while it has requests in flight for it,
 so steady traffic costs no call here. The `EnginePool` decides which engines
 run; this module starts them with the single-model code (download, command
 line, health wait, failure sentences) from each model's own `Settings`, and
-publishes every model's state in the status file (`models`).
+publishes every model's state (and a loaded one's engine URL) in the status file (`models`).
 """
 
 from __future__ import annotations
@@ -142,8 +142,11 @@ class ModelEngines:
 
     def _changed(self) -> None:
         models: dict[str, dict[str, object]] = {}
+        loaded = self.pool.loaded()
         for name, view in self.pool.views().items():
             models[name] = {"state": view.state.value, "error": view.error}
+            if name in loaded:  # where the wrappers scrape its /metrics
+                models[name]["url"] = loaded[name].url
             if name in self._downloads:
                 models[name]["download"] = self._downloads[name].to_json()
         self._publish(models)

@@ -20,6 +20,8 @@ import aiohttp
 import httpx
 import pytest_asyncio
 from PIL import Image
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.catalog import ModelCatalog
 from app.config import load_settings
@@ -59,7 +61,7 @@ class Deployment:
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, **env: str) -> AsyncIterator[Deployment]:
+async def serving(tmp_path: Path, max_loaded: int = 1, **env: str) -> AsyncIterator[Deployment]:
     """Both sides of a deployment of MODELS with `env` (MODELS_CONFIG, ...), one fake engine per model."""
     fakes = {"a": FakeEngine(), "b": FakeEngine()}
     fakes["b"].max_model_len = 2048  # what tells the models' facts apart
@@ -76,7 +78,7 @@ async def serving(tmp_path: Path, **env: str) -> AsyncIterator[Deployment]:
     catalog = ModelCatalog.build(load_settings(env), MODELS, env.get("MODELS_CONFIG"))
     socket = tmp_path / "control.sock"
     async with aiohttp.ClientSession() as session:
-        engines = FakeEngines(catalog, session, max_loaded=1, idle_ttl_s=0, publish=publish, fakes=fakes)
+        engines = FakeEngines(catalog, session, max_loaded=max_loaded, idle_ttl_s=0, publish=publish, fakes=fakes)
         serving = asyncio.create_task(engines.serve(socket))
         while not socket.exists():
             await asyncio.sleep(0.01)
@@ -202,6 +204,41 @@ async def test_each_model_gets_its_own_media_limits(tmp_path: Path) -> None:
     assert to_b.status_code == 400
     assert "IMAGE_LIMIT" in to_b.json()["error"]["message"]
     assert not deployment.fakes["b"].received
+
+
+ENGINE_METRICS = (Path(__file__).parent.parent / "fixtures" / "engine_metrics.txt").read_text()
+
+
+async def test_metrics_hold_every_loaded_engines_series_once(tmp_path: Path) -> None:
+    async with serving(tmp_path, max_loaded=2) as deployment:
+        for name, fake in deployment.fakes.items():  # a real vLLM scrape, as each model's engine labels it
+            fake.metrics_text = ENGINE_METRICS.replace('model_name="tiny-llama"', f'model_name="{name}"')
+        async with deployment.wrapper.client() as client:
+            before = await client.get("/metrics")
+            for model in ("a", "b"):
+                assert (await client.post("/v1/chat/completions", json=chat_body(model))).status_code == 200
+            after = await client.get("/metrics")
+
+    def families(response: httpx.Response) -> dict[str, Metric]:
+        assert response.status_code == 200, response.text
+        parsed = list(text_string_to_metric_families(response.text))
+        names = [family.name for family in parsed]
+        assert len(names) == len(set(names)), "a family appears twice"
+        return {family.name: family for family in parsed}
+
+    def models_of(family: Metric) -> set[str]:
+        return {sample.labels["model_name"] for sample in family.samples}
+
+    unloaded, loaded = families(before), families(after)
+    assert not any(name.startswith("vllm:") for name in unloaded)  # no engine runs yet
+    assert [sample.labels for sample in loaded["vllm_api_engine_metrics_up"].samples] == [{"model": "a"}, {"model": "b"}]
+    assert all(sample.value == 1.0 for sample in loaded["vllm_api_engine_metrics_up"].samples), loaded["vllm_api_engine_metrics_up"].samples
+    engine_families = {family.name for family in text_string_to_metric_families(ENGINE_METRICS)}
+    assert engine_families <= loaded.keys()
+    for name in ("vllm:num_requests_running", "vllm:prompt_tokens", "process_resident_memory_bytes"):
+        assert models_of(loaded[name]) == {"a", "b"}, name
+    # The wrapper's own series carry the model that served each request.
+    assert {sample.labels["model"] for sample in loaded["vllm_api_requests"].samples} >= {"a", "b"}
 
 
 class GatedEngines(FakeEngines):
