@@ -87,7 +87,7 @@ class ModelRouter:
         return model
 
     def listing(self) -> bytes:
-        """/v1/models: every configured model, with its state (unloaded, loading, loaded, unloading, failed)."""
+        """/v1/models: every configured model, with its state (unloaded, loading, loaded, unloading, sleeping, failed)."""
         states = self.states()
         data = [
             {

@@ -23,10 +23,10 @@ from PIL import Image
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.catalog import ModelCatalog
+from app.catalog import CatalogModel, ModelCatalog
 from app.config import load_settings
 from app.lifecycle.engine_pool import LoadFailed
-from app.lifecycle.model_engines import ModelEngines
+from app.lifecycle.model_engines import ModelEngine, ModelEngines
 from app.lifecycle.status import Phase, StartupStatus, write_status
 from tests.fake_engine import FakeEngine
 from app.routes import build_route_table
@@ -204,6 +204,73 @@ async def test_each_model_gets_its_own_media_limits(tmp_path: Path) -> None:
     assert to_b.status_code == 400
     assert "IMAGE_LIMIT" in to_b.json()["error"]["message"]
     assert not deployment.fakes["b"].received
+
+
+class StandInModelEngine(ModelEngine):
+    """The supervisor's real engine handle (its /sleep and /wake_up calls), its process a fake engine's server."""
+
+    def __init__(self, model: CatalogModel, fake: FakeEngine, session: aiohttp.ClientSession) -> None:
+        super().__init__(model, process=None, session=session, sleep_bytes=1000)  # type: ignore[arg-type]
+        self.fake = fake
+        self.stopped = False
+
+    @property
+    def url(self) -> str:
+        return self.fake.url
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+class SleepyEngines(FakeEngines):
+    """FakeEngines whose engines were launched with sleep mode, as on a GPU."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.launched: list[StandInModelEngine] = []
+
+    async def _launch(self, name: str) -> StandInModelEngine:  # type: ignore[override]
+        model = self.catalog.get(name)
+        assert model is not None
+        self.launched.append(StandInModelEngine(model, self.fakes[name], self._session))
+        return self.launched[-1]
+
+
+async def test_a_swapped_out_model_sleeps_and_is_woken_for_its_next_request(tmp_path: Path) -> None:
+    fakes = {"a": FakeEngine(), "b": FakeEngine()}
+    for fake in fakes.values():
+        await fake.start()
+    status_file = tmp_path / "status.json"
+    status = StartupStatus(phase=Phase.READY)
+
+    def publish(models: dict[str, dict[str, object]]) -> None:
+        status.models = models
+        write_status(status_file, status)
+
+    publish({})
+    socket = tmp_path / "control.sock"
+    async with aiohttp.ClientSession() as session:
+        engines = SleepyEngines(ModelCatalog.build(load_settings({}), MODELS), session, max_loaded=1, idle_ttl_s=0,
+                                publish=publish, fakes=fakes, host_budget_bytes=10_000)
+        serving = asyncio.create_task(engines.serve(socket))
+        while not socket.exists():
+            await asyncio.sleep(0.01)
+        async with running_models_wrapper(str(socket), status_file, MODELS=MODELS) as wrapper:
+            async with wrapper.client() as client:
+                answers = [await client.post("/v1/chat/completions", json=chat_body(model)) for model in "aba"]
+                listing = (await client.get("/v1/models")).json()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await engines.close()
+    for fake in fakes.values():
+        await fake.stop()
+
+    assert [answer.status_code for answer in answers] == [200, 200, 200], [answer.text for answer in answers]
+    assert [engine.model.name for engine in engines.launched] == ["a", "b"]  # a was woken, not started again
+    assert [request.path for request in fakes["a"].received if request.path in ("/sleep", "/wake_up")] == [
+        "/sleep", "/wake_up"]
+    assert [request.path for request in fakes["b"].received if request.path in ("/sleep", "/wake_up")] == ["/sleep"]
+    assert {entry["id"]: entry["state"] for entry in listing["data"]} == {"a": "loaded", "b": "sleeping"}
 
 
 ENGINE_METRICS = (Path(__file__).parent.parent / "fixtures" / "engine_metrics.txt").read_text()
