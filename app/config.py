@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     MODELS_DOWNLOAD: Literal["eager", "lazy"] = Field(
         "eager", description="With MODELS: check and download every model at start (eager), or each at its first request (lazy)."
     )
+    MODEL_SLEEP: Literal["auto", "off"] = Field(
+        "auto", description="With MODELS, an evicted model's engine sleeps (vLLM sleep mode: weights parked in host "
+        "memory, woken in seconds) instead of stopping: auto = on when DEVICE resolves to cuda, off = always stop."
+    )
+    SLEEP_HOST_MEMORY_GB: float = Field(
+        16.0, ge=0, description="With MODELS and sleep mode, most host memory (GiB) the sleeping models' weights may "
+        "hold; past it the least recently used sleeping model is stopped (0: none sleeps)."
+    )
     HF_TOKEN: SecretStr | None = Field(
         None, description="Hugging Face token for gated or private models. Never logged."
     )

@@ -62,7 +62,7 @@ def create_app(services: Services) -> ASGIApp:
         return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
 
     app.include_router(_operations_router(services))
-    app.include_router(build_router(GenerateService(settings, services.engine, services.store)))
+    app.include_router(build_router(GenerateService(settings, services.engine, services.store, services.models)))
     app.include_router(build_admin_router(services.models))
 
     served: ASGIApp = AccessLog(FrontDoor(
@@ -131,7 +131,10 @@ def _operations_router(services: Services) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics_route() -> Response:
-        body, content_type = await metrics.render_metrics(services.engine.session, services.engine.url)
+        if services.models is not None:
+            body, content_type = await metrics.render_models_metrics(services.engine.session, services.loaded_engines())
+        else:
+            body, content_type = await metrics.render_metrics(services.engine.session, services.engine.url)
         return Response(body, media_type=content_type)
 
     @router.get("/info")

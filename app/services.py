@@ -98,6 +98,15 @@ class Services:
             self._capabilities = capabilities
         return capabilities
 
+    def loaded_engines(self) -> dict[str, str]:
+        """With MODELS: the engine URL of every loaded model, by served name, as the supervisor publishes it."""
+        if self.models is None:
+            return {}
+        return {
+            name: str(state["url"]) for name, state in self.models.states().items()
+            if state.get("state") == "loaded" and state.get("url")
+        }
+
     async def drain(self) -> None:
         """Let admitted requests finish (DRAIN_TIMEOUT_S), then end the rest with an error."""
         await self.gateway.drain(abort=self.engine.abort_all)

@@ -9,6 +9,11 @@ token, stall, fail or cut a stream. It records every request it receives, so
 a test can prove what reached the engine and what did not. The end-to-end
 tests run the same paths against the real CPU engine.
 
+It also stands in for vLLM's sleep mode, which the CPU build does not have
+(`--enable-sleep-mode` needs a CUDA GPU): `POST /sleep?level=1` and
+`POST /wake_up` answer as vLLM's dev routes do, and while asleep it refuses
+generation with a 503, as a sleeping engine cannot serve.
+
 Replies: "Echo: <last user message>" word by word, unless `reply` is set.
 Token counts: one per word, plus 4 per message.
 """
@@ -48,6 +53,8 @@ class FakeEngine:
     cut_mid_stream: bool = False  # the connection dropped after the first pieces, like a crash
     stall_after_first: bool = False  # the first piece, then silence
     drop_requests: int = 0  # this many requests get no answer: the connection closes, as a stale keep-alive one does
+    metrics_text: str | None = None  # what GET /metrics answers (Prometheus text); None: 404 as for any unknown route
+    asleep: bool = False  # put to sleep by POST /sleep, woken by POST /wake_up
     received: list[Received] = field(default_factory=list)
     usage_sent: list[dict[str, int]] = field(default_factory=list)
     aborted: int = 0  # streams the wrapper dropped before the end
@@ -78,6 +85,9 @@ class FakeEngine:
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_post("/v1/audio/transcriptions", self._transcription)
         app.router.add_get("/v1/responses/{id}", self._redirect_response)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/sleep", self._sleep)
+        app.router.add_post("/wake_up", self._wake_up)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -116,6 +126,21 @@ class FakeEngine:
     async def _redirect_response(self, request: web.Request) -> web.Response:
         await self._record(request)
         raise web.HTTPTemporaryRedirect(f"{self.url}{request.path}?moved=1")
+
+    async def _sleep(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        self.asleep = True
+        return web.json_response({"status": "sleeping", "level": int(request.query.get("level", "1"))})
+
+    async def _wake_up(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        self.asleep = False
+        return web.json_response({"status": "awake", "tags": None})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is None:
+            return await self._unknown(request)
+        return web.Response(text=self.metrics_text, content_type="text/plain")
 
     async def _unknown(self, request: web.Request) -> web.Response:
         await self._record(request)
@@ -163,6 +188,8 @@ class FakeEngine:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         payload = (await self._record(request)).json()
+        if self.asleep:
+            return web.json_response({"error": {"message": "The engine is asleep.", "code": 503}}, status=503)
         if self.drop_requests > 0:
             self.drop_requests -= 1
             assert request.transport is not None

@@ -165,6 +165,8 @@ OFF_FORM = frozenset(
         "MAX_LOADED_MODELS",
         "MODEL_IDLE_TTL_S",
         "MODELS_DOWNLOAD",
+        "MODEL_SLEEP",
+        "SLEEP_HOST_MEMORY_GB",
         # Set by the platform or the listing itself.
         "PORT",
         "PORT_HEALTH",

@@ -80,9 +80,13 @@ _DONE = object()
 
 @asynccontextmanager
 async def chat_stream(
-    engine: EngineClient, model: str, messages: list[ChatMessage], max_tokens: int, temperature: float
+    engine: EngineClient, model: str, messages: list[ChatMessage], max_tokens: int, temperature: float,
+    engine_url: str | None = None,
 ) -> AsyncIterator[ChatStream]:
-    """A streamed chat completion; the engine's refusal (4xx) is raised as its own error."""
+    """A streamed chat completion; the engine's refusal (4xx) is raised as its own error.
+
+    `engine_url` is the model's engine with MODELS (None: the one engine).
+    """
     payload = {
         "model": model,
         "messages": messages,
@@ -92,16 +96,19 @@ async def chat_stream(
         "stream_options": {"include_usage": True},
     }
     async with engine.call("POST", "/v1/chat/completions", body=_json(payload), headers=JSON_HEADERS,
-                           stream=True) as response:
+                           stream=True, base_url=engine_url) as response:
         if response.status != 200:
             raise refusal(response.status, await response.read())
         yield ChatStream(response)
 
 
-async def count_prompt_tokens(engine: EngineClient, model: str, messages: list[ChatMessage]) -> int:
+async def count_prompt_tokens(
+    engine: EngineClient, model: str, messages: list[ChatMessage], engine_url: str | None = None
+) -> int:
     """Tokens of `messages` after the model's chat template, counted by the engine's `/tokenize`."""
     payload = {"model": model, "messages": messages, "add_generation_prompt": True}
-    async with engine.call("POST", "/tokenize", body=_json(payload), headers=JSON_HEADERS) as response:
+    async with engine.call("POST", "/tokenize", body=_json(payload), headers=JSON_HEADERS,
+                           base_url=engine_url) as response:
         body = await response.read()
         if response.status != 200:
             raise refusal(response.status, body)

@@ -45,6 +45,7 @@ from app.frontdoor import CALLER_STATE
 from app.generate.store import Conversation, ConversationStore, ConversationStoreError, owner_of
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
+from app.proxy.models import ModelRouter, keepalive_wait, plain_wait
 from app.proxy.reply import DONE, SSE_HEADERS, Reply, serve_exchange
 from app.request_progress import progress_of
 
@@ -66,23 +67,46 @@ class ExchangeResponse(Response):
 
 
 class GenerateService:
-    """What `/generate` and `/conversations` need: the settings, the engine client, the store."""
+    """What `/generate` and `/conversations` need: the settings, the engine client, the store, the models."""
 
-    def __init__(self, settings: Settings, engine: EngineClient, store: ConversationStore | None) -> None:
+    def __init__(
+        self, settings: Settings, engine: EngineClient, store: ConversationStore | None,
+        models: ModelRouter | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.models = models  # with MODELS: the request's `model` picks the engine
 
     async def generate(self, body: GenerateRequest, owner: str, record: RequestRecord, reply: Reply) -> None:
-        settings = self.settings
-        if settings.catalog is not None:
-            raise APIError(
-                400, "/generate does not pick a model in a multi-model deployment (MODELS) yet; use "
-                "/v1/chat/completions, whose `model` names it.", code="unsupported_route",
-            )
-        record.model = settings.served_model_name
         record.stream = body.stream
-        model_max_len = (await self.engine.facts()).get("max_model_len")
+        if self.models is None:
+            record.model = self._single_model(body.model)
+            await self._generate(body, owner, record, reply, None)
+            return
+        record.model = self.models.check(body.model)
+        asked = time.perf_counter()
+        wait = keepalive_wait(reply, self.settings.SSE_KEEPALIVE_S) if body.stream else plain_wait
+        async with self.models.lease(record.model, wait) as engine_url:
+            record.load_wait_s = time.perf_counter() - asked
+            await self._generate(body, owner, record, reply, engine_url)
+
+    def _single_model(self, model: str | None) -> str:
+        """The served name; a `model` other than one of its names gets the 404 that lists them."""
+        names = self.settings.served_model_names
+        if model is not None and model not in names:
+            raise APIError(404, f"The model '{model[:256]}' does not exist; this server serves: {', '.join(names)}.",
+                           param="model", code="model_not_found")
+        return self.settings.served_model_name
+
+    async def _generate(
+        self, body: GenerateRequest, owner: str, record: RequestRecord, reply: Reply, engine_url: str | None
+    ) -> None:
+        """One /generate exchange with the engine at `engine_url` (None: the single model's)."""
+        settings = self.settings
+        model = record.model
+        assert model is not None
+        model_max_len = (await self.engine.facts(engine_url)).get("max_model_len")
         max_tokens = _effective_max_tokens(body.max_tokens, settings.MAX_TOKENS_CAP, model_max_len)
         if model_max_len is not None and max_tokens >= model_max_len:
             raise APIError(
@@ -97,7 +121,7 @@ class GenerateService:
         system = body.system if body.system is not None else (conversation.system if conversation else None)
 
         async def count_tokens(messages: list[ChatMessage]) -> int:
-            return await count_prompt_tokens(self.engine, settings.served_model_name, messages)
+            return await count_prompt_tokens(self.engine, model, messages, engine_url)
 
         fitted = await fit_history(
             system,
@@ -109,9 +133,9 @@ class GenerateService:
         engine_started = time.perf_counter()
         pieces: list[str] = []
         async with chat_stream(
-            self.engine, settings.served_model_name, fitted.messages, max_tokens, body.temperature
+            self.engine, model, fitted.messages, max_tokens, body.temperature, engine_url
         ) as chat:
-            if body.stream:
+            if body.stream and not reply.started:  # a stream that waited for its model began with keep-alives
                 await reply.start(200, SSE_HEADERS)
             async for text in chat.pieces(reply if body.stream else None, settings.SSE_KEEPALIVE_S):
                 if record.first_token_at is None:
@@ -152,7 +176,7 @@ class GenerateService:
         return GenerateResponse(
             response=text,
             conversation_id=conversation_id,
-            model_info=ModelInfo(name=self.settings.served_model_name, max_model_len=model_max_len),
+            model_info=ModelInfo(name=str(record.model), max_model_len=model_max_len),
             finish_reason=chat.finish_reason,
             total_ms=_ms(done - record.started),
             ttft_ms=None if record.first_token_at is None else _ms(record.first_token_at - record.started),

@@ -19,6 +19,11 @@ class GenerateRequest(BaseModel):
     # refused so a typo such as `max_token` does not pass silently.
     model_config = ConfigDict(strict=True, extra="forbid")
 
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="The model to answer (a name /v1/models lists); needed when the server serves several (MODELS).",
+    )
     prompt: str | None = Field(None, min_length=1, description="The user's message (or use `message`).")
     message: str | None = Field(None, min_length=1, description="Same as `prompt`; send exactly one of the two.")
     conversation_id: str | None = Field(

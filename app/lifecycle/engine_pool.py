@@ -14,7 +14,12 @@ handles and pure asyncio:
 - when the budget is spent, the least recently used model without leases is
   stopped first; when every running model has leases, the load waits for a
   release (callers bound that wait with their own timeout);
-- `evict_idle` stops models unused for `idle_ttl_s` (0: never).
+- `evict_idle` stops models unused for `idle_ttl_s` (0: never);
+- an engine that can sleep (a `Sleeper`: vLLM's sleep mode on a GPU) is put
+  to sleep when evicted instead of stopped, if its weights fit the host-memory
+  budget (`host_budget_bytes`, the least recently used sleepers stopped to
+  make room); a sleeping model no longer counts against `max_loaded`, and the
+  next caller wakes it (a wake that fails stops it and starts a new engine).
 
 A caller's lease is taken when it calls `acquire`, so a model someone is
 waiting for is never chosen for eviction between its load and their request.
@@ -28,13 +33,25 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 log = logging.getLogger("app.lifecycle.pool")
 
 
 class EngineHandle(Protocol):
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Sleeper(Protocol):
+    """A handle whose engine can park its weights in host memory and get them back."""
+
+    can_sleep: bool
+    sleep_bytes: int  # host memory its weights take while asleep
+
+    async def stop(self) -> None: ...
+    async def sleep(self) -> None: ...
+    async def wake_up(self) -> None: ...
 
 
 H = TypeVar("H", bound=EngineHandle)
@@ -45,6 +62,7 @@ class ModelState(str, Enum):
     LOADING = "loading"
     LOADED = "loaded"
     UNLOADING = "unloading"
+    SLEEPING = "sleeping"
     FAILED = "failed"
 
 
@@ -81,8 +99,9 @@ class _Slot(Generic[H]):
         self.error: str | None = None
         self.failed_at: float | None = None
         self.load: asyncio.Task[None] | None = None
-        # True from the moment its engine starts until it has stopped: it counts against the budget.
+        # True from the moment its engine starts until it has stopped or slept: it counts against the budget.
         self.occupies = False
+        self.parked_bytes = 0  # host memory its sleeping engine's weights hold (or will, once asleep)
 
 
 class EnginePool(Generic[H]):
@@ -93,6 +112,7 @@ class EnginePool(Generic[H]):
         *,
         max_loaded: int,
         idle_ttl_s: float = 0.0,
+        host_budget_bytes: float = 0.0,
         retry_after_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
@@ -103,6 +123,7 @@ class EnginePool(Generic[H]):
         self._launch = launcher
         self._max_loaded = max_loaded
         self._idle_ttl_s = idle_ttl_s
+        self._host_budget_bytes = host_budget_bytes
         self._retry_after_s = retry_after_s
         self._clock = clock
         self._on_change = on_change
@@ -117,6 +138,13 @@ class EnginePool(Generic[H]):
     def views(self) -> dict[str, ModelView]:
         return {
             name: ModelView(slot.state, slot.leases, slot.last_used, slot.error) for name, slot in self._slots.items()
+        }
+
+    def loaded(self) -> dict[str, H]:
+        """The handle of every loaded model's engine, by name."""
+        return {
+            name: slot.handle for name, slot in self._slots.items()
+            if slot.state is ModelState.LOADED and slot.handle is not None
         }
 
     # --- leases -------------------------------------------------------------
@@ -164,7 +192,7 @@ class EnginePool(Generic[H]):
             await self._make_room(slot)
             slot.occupies = True
             try:
-                handle = await self._launch(slot.name)
+                handle = await self._wake(slot) or await self._launch(slot.name)
             except LoadFailed as error:
                 slot.occupies = False
                 slot.state, slot.error, slot.failed_at = ModelState.FAILED, str(error), self._clock()
@@ -199,16 +227,75 @@ class EnginePool(Generic[H]):
                         if victim is None:
                             break
                         log.info("evicting the least recently used model", extra={"model": victim.name, "for": slot.name})
-                        self._unload(victim)
+                        self._evict(victim)
                 changed = self._changed
                 await changed.wait()
         finally:
             self._waiting_room.remove(slot)
             self._notify()
 
+    async def _wake(self, slot: _Slot[H]) -> H | None:
+        """The model's sleeping engine, woken; None when it has none (or it would not wake, and was stopped)."""
+        handle, slot.handle = slot.handle, None
+        if handle is None:
+            return None
+        slot.parked_bytes = 0
+        try:
+            assert isinstance(handle, Sleeper)
+            await handle.wake_up()
+        except Exception as error:  # noqa: BLE001 (any failure: a new engine is started instead)
+            log.warning("a sleeping model would not wake; starting a new engine", extra={"model": slot.name,
+                                                                                        "error": str(error)})
+            await handle.stop()
+            return None
+        log.info("model woken", extra={"model": slot.name})
+        return handle
+
     def _least_recently_used_idle(self) -> _Slot[H] | None:
         idle = [slot for slot in self._slots.values() if slot.state is ModelState.LOADED and slot.leases == 0]
         return min(idle, key=lambda slot: slot.last_used or 0.0, default=None)
+
+    def _evict(self, slot: _Slot[H]) -> None:
+        """Make `slot`'s place on the device free: its engine sleeps if it can and fits the host budget, else stops."""
+        handle = slot.handle
+        if not (isinstance(handle, Sleeper) and handle.can_sleep and self._park(slot, handle.sleep_bytes)):
+            self._unload(slot)
+            return
+        slot.state = ModelState.UNLOADING
+        task = asyncio.create_task(self._sleep(slot, handle), name=f"sleep {slot.name}")
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)
+
+    def _park(self, slot: _Slot[H], size: int) -> bool:
+        """Reserve host memory for `slot`'s sleeping weights, stopping the least recently used sleepers as needed."""
+        if size > self._host_budget_bytes:
+            return False
+        sleepers = sorted(
+            (other for other in self._slots.values() if other.state is ModelState.SLEEPING),
+            key=lambda other: other.last_used or 0.0,
+        )
+        parked = sum(other.parked_bytes for other in self._slots.values())
+        while parked + size > self._host_budget_bytes and sleepers:
+            oldest = sleepers.pop(0)
+            log.info("stopping a sleeping model for host memory", extra={"model": oldest.name, "for": slot.name})
+            parked -= oldest.parked_bytes
+            self._unload(oldest)
+        if parked + size > self._host_budget_bytes:
+            return False  # the rest is still on its way to sleep
+        slot.parked_bytes = size
+        return True
+
+    async def _sleep(self, slot: _Slot[H], handle: Sleeper) -> None:
+        try:
+            await handle.sleep()
+        except Exception as error:  # noqa: BLE001 (any failure: the engine is stopped instead)
+            log.warning("a model would not sleep; stopping it", extra={"model": slot.name, "error": str(error)})
+            await self._stop(slot)
+            return
+        slot.occupies = False
+        slot.state = ModelState.SLEEPING
+        log.info("model asleep", extra={"model": slot.name, "host_bytes": slot.parked_bytes})
+        self._notify()
 
     def _unload(self, slot: _Slot[H]) -> None:
         slot.state = ModelState.UNLOADING
@@ -222,7 +309,7 @@ class EnginePool(Generic[H]):
             if handle is not None:
                 await handle.stop()
         finally:
-            slot.occupies = False
+            slot.occupies, slot.parked_bytes = False, 0
             if slot.state is ModelState.UNLOADING:
                 slot.state = ModelState.UNLOADED
             log.info("model unloaded", extra={"model": slot.name})
@@ -235,7 +322,7 @@ class EnginePool(Generic[H]):
             raise RuntimeError(f"The model '{name}' has requests in flight; unload it once they have finished.")
         if slot.state is ModelState.LOADING:
             raise RuntimeError(f"The model '{name}' is loading; unload it once it has loaded.")
-        if slot.state is ModelState.LOADED:
+        if slot.state in (ModelState.LOADED, ModelState.SLEEPING):
             log.info("unloading a model on request", extra={"model": name})
             self._unload(slot)
         while slot.state is ModelState.UNLOADING:
@@ -245,10 +332,10 @@ class EnginePool(Generic[H]):
     def lost(self, name: str, handle: H, sentence: str) -> None:
         """The engine `handle` of `name` died by itself: the model is failed; the next caller loads it again."""
         slot = self._slot(name)
-        if slot.handle is not handle or slot.state is not ModelState.LOADED:
+        if slot.handle is not handle or slot.state not in (ModelState.LOADED, ModelState.SLEEPING):
             return  # already being stopped, or replaced
         log.error("model engine lost", extra={"model": name, "error": sentence})
-        slot.handle, slot.occupies = None, False
+        slot.handle, slot.occupies, slot.parked_bytes = None, False, 0
         slot.state, slot.error, slot.failed_at = ModelState.FAILED, sentence, None
         self._notify()
 
@@ -259,7 +346,7 @@ class EnginePool(Generic[H]):
         now = self._clock()
         expired = [
             slot for slot in self._slots.values()
-            if slot.state is ModelState.LOADED and slot.leases == 0
+            if slot.state in (ModelState.LOADED, ModelState.SLEEPING) and slot.leases == 0
             and now - (slot.last_used or now) >= self._idle_ttl_s
         ]
         for slot in expired:

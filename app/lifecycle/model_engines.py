@@ -16,7 +16,7 @@ A wrapper holds one lease per model while it has requests in flight for it,
 so steady traffic costs no call here. The `EnginePool` decides which engines
 run; this module starts them with the single-model code (download, command
 line, health wait, failure sentences) from each model's own `Settings`, and
-publishes every model's state in the status file (`models`).
+publishes every model's state (and a loaded one's engine URL) in the status file (`models`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from app.catalog import CatalogModel, ModelCatalog
+from app.config import Settings
 from app.lifecycle.compile_cache import with_compile_cache
 from app.lifecycle.engine_args import build_engine_launch
 from app.lifecycle.engine_pool import EnginePool, LoadFailed, UnknownModel
@@ -50,15 +52,23 @@ from app.media import detect_modalities
 log = logging.getLogger("app.lifecycle")
 ENGINE_POLL_S = 0.5
 ENGINE_STOP_TIMEOUT_S = 15.0
+SLEEP_CALL_TIMEOUT_S = 300.0  # moving a large model's weights between GPU and host memory
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 class ModelEngine:
-    """One model's running engine process; the pool's handle."""
+    """One model's running engine process; the pool's handle (a `Sleeper` when launched with sleep mode)."""
 
-    def __init__(self, model: CatalogModel, process: ChildProcess) -> None:
+    def __init__(
+        self, model: CatalogModel, process: ChildProcess, session: aiohttp.ClientSession | None = None,
+        sleep_bytes: int = 0,
+    ) -> None:
         self.model = model
         self.process = process
         self.watch: asyncio.Task[None] | None = None
+        self._session = session
+        self.can_sleep = session is not None  # launched with --enable-sleep-mode
+        self.sleep_bytes = sleep_bytes
 
     @property
     def url(self) -> str:
@@ -68,6 +78,30 @@ class ModelEngine:
         if self.watch is not None:
             self.watch.cancel()
         await self.process.stop(ENGINE_STOP_TIMEOUT_S)
+
+    async def sleep(self) -> None:
+        """vLLM's sleep level 1: weights to host memory, KV cache dropped; the process stays."""
+        await self._call("/sleep?level=1")
+
+    async def wake_up(self) -> None:
+        await self._call("/wake_up")
+
+    async def _call(self, path: str) -> None:
+        assert self._session is not None, "this engine was not launched with sleep mode"
+        timeout = aiohttp.ClientTimeout(total=SLEEP_CALL_TIMEOUT_S)
+        async with self._session.post(f"{self.url}{path}", timeout=timeout) as response:
+            if response.status != 200:
+                raise RuntimeError(f"POST {path} answered {response.status}: {(await response.text())[:200]}")
+
+
+def sleep_mode(settings: Settings, device: str) -> bool:
+    """MODEL_SLEEP=auto: vLLM's sleep mode where it exists, on a CUDA GPU; the CPU engine has none."""
+    return settings.MODEL_SLEEP == "auto" and device == "cuda"
+
+
+def weights_bytes(model_path: Path) -> int:
+    """What the model's weights take on disk, as much as they take in host memory when its engine sleeps."""
+    return sum(path.stat().st_size for pattern in WEIGHT_PATTERNS for path in model_path.rglob(pattern))
 
 
 class ModelEngines:
@@ -79,12 +113,14 @@ class ModelEngines:
         max_loaded: int,
         idle_ttl_s: float,
         publish: Callable[[dict[str, dict[str, object]]], None],
+        host_budget_bytes: float = 0.0,
     ) -> None:
         self.catalog = catalog
         self._session = session
         self._publish = publish
         self.pool: EnginePool[ModelEngine] = EnginePool(
-            catalog.names, self._launch, max_loaded=max_loaded, idle_ttl_s=idle_ttl_s, on_change=self._changed
+            catalog.names, self._launch, max_loaded=max_loaded, idle_ttl_s=idle_ttl_s,
+            host_budget_bytes=host_budget_bytes, on_change=self._changed,
         )
         self._runner: web.AppRunner | None = None
         self._downloads: dict[str, DownloadProgress] = {}
@@ -142,8 +178,11 @@ class ModelEngines:
 
     def _changed(self) -> None:
         models: dict[str, dict[str, object]] = {}
+        loaded = self.pool.loaded()
         for name, view in self.pool.views().items():
             models[name] = {"state": view.state.value, "error": view.error}
+            if name in loaded:  # where the wrappers scrape its /metrics
+                models[name]["url"] = loaded[name].url
             if name in self._downloads:
                 models[name]["download"] = self._downloads[name].to_json()
         self._publish(models)
@@ -182,6 +221,10 @@ class ModelEngines:
         settings = model.settings
         launch = build_engine_launch(settings, prepared.path, detect_modalities(prepared.path), prepared.lora_paths)
         launch = with_compile_cache(launch, settings, prepared.path, prepared.revision)
+        sleeps = sleep_mode(settings, launch.device)
+        if sleeps:  # the /sleep and /wake_up routes are vLLM's dev routes, on the internal port only
+            launch = replace(launch, argv=[*launch.argv, "--enable-sleep-mode"],
+                             env={**launch.env, "VLLM_SERVER_DEV_MODE": "1"})
         log.info("starting engine", extra={"model": name, "device": launch.device, "argv": launch.argv[1:]})
         process = ChildProcess(f"engine {name}", launch.argv, launch.env, capture_output=True)
         await process.start()
@@ -201,7 +244,10 @@ class ModelEngines:
                     f"its engine {outcome} for a reason this image does not recognise (see the container log)"
                 )
             raise LoadFailed(f"Model '{name}' failed to load: {reason}")
-        engine = ModelEngine(model, process)
+        engine = ModelEngine(
+            model, process, self._session if sleeps else None,
+            weights_bytes(Path(prepared.path)) if sleeps else 0,
+        )
         engine.watch = asyncio.create_task(self._watch(engine), name=f"watch {name}")
         log.info("model engine ready", extra={"model": name, "load_s": round(time.monotonic() - started, 2)})
         return engine

@@ -295,6 +295,7 @@ class Supervisor:
         self.model_engines = ModelEngines(
             catalog, self.session, max_loaded=self.settings.MAX_LOADED_MODELS,
             idle_ttl_s=self.settings.MODEL_IDLE_TTL_S, publish=self.board.models,
+            host_budget_bytes=self.settings.SLEEP_HOST_MEMORY_GB * 2**30,
         )
         if self.settings.MODELS_DOWNLOAD == "eager":
             self.board.enter(Phase.PREFLIGHT)

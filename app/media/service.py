@@ -2,8 +2,10 @@
 
 The policy depends on what the served model takes (`detect_modalities` on
 its directory), which the supervisor learns only after the download; until
-then the limits alone decide. The fetcher's connection pool lives as long as
-the process.
+then the limits alone decide. With MODELS each model has its own policy, from
+its own settings (its IMAGE_LIMIT and VIDEO_LIMIT in MODELS_CONFIG) and, for a
+local directory, its modalities; a Hub model's modalities are left to its
+engine. The fetcher's connection pool lives as long as the process.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ class MediaService:
         self._readiness = readiness
         self._policy: MediaPolicy | None = None
         self._fetcher = MediaFetcher(MediaPolicy.from_settings(settings, frozenset()).urls)
+        catalog = settings.catalog
+        self._model_policies = {} if catalog is None else {
+            model.name: MediaPolicy.from_settings(model.settings, detect_modalities(_local_dir(model.source)))
+            for model in catalog
+        }
 
     async def start(self) -> None:
         await self._fetcher.start()
@@ -32,9 +39,13 @@ class MediaService:
     async def close(self) -> None:
         await self._fetcher.close()
 
-    async def prepare(self, route: str, payload: dict[str, Any]) -> MediaCounts:
-        """Check, count and inline the media of one JSON body of `route` (in place)."""
-        return await prepare_media(route, payload, self.policy, self._fetcher)
+    async def prepare(self, route: str, payload: dict[str, Any], model: str | None = None) -> MediaCounts:
+        """Check, count and inline the media of one JSON body of `route` (in place).
+
+        `model` is the catalog model the body goes to (with MODELS): its own limits apply.
+        """
+        policy = self._model_policies[model] if model is not None else self.policy
+        return await prepare_media(route, payload, policy, self._fetcher)
 
     @property
     def policy(self) -> MediaPolicy:
@@ -54,3 +65,8 @@ class MediaService:
 
     def _model_dir(self) -> Path | None:
         return self._readiness.model_dir(self._settings)
+
+
+def _local_dir(source: str) -> Path | None:
+    path = Path(source)
+    return path if path.is_dir() else None

@@ -4,7 +4,10 @@ One scrape of the wrapper gives a dashboard everything: the wrapper's own
 series (all named `vllm_api_*`), GPU memory read through NVML, and the
 engine's `vllm:*` series, fetched from the engine's /metrics during the scrape.
 While the engine is down or still loading, the wrapper's series are served
-alone and `vllm_api_engine_metrics_up` is 0.
+alone and `vllm_api_engine_metrics_up` is 0. With MODELS every loaded
+engine's series are merged, so each family appears once: vLLM labels its
+series with `model_name`, and the few it does not (process_*, python_*) get
+that label here, so the engines' samples never collide.
 
 With WORKERS>1 several processes share PORT and a scrape reaches only one of
 them. prometheus_client's multiprocess mode makes every process write its
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.observability.gpu import gpu_memory
 from app.observability.record import RequestRecord
@@ -365,3 +369,44 @@ async def render_metrics(
     )
     body = generate_latest(_Scrape(_current().registry, [engine_up]))
     return body + (engine_text or b""), CONTENT_TYPE
+
+
+async def render_models_metrics(
+    session: aiohttp.ClientSession, engines: Mapping[str, str], timeout_s: float = ENGINE_METRICS_TIMEOUT_S
+) -> tuple[bytes, str]:
+    """With MODELS: the wrapper's families and those of every engine in `engines` (model name -> URL)."""
+    names = list(engines)
+    texts = await asyncio.gather(*(fetch_engine_metrics(session, engines[name], timeout_s) for name in names))
+    engine_up = GaugeMetricFamily(
+        METRIC_PREFIX + "engine_metrics_up",
+        "Per loaded model: 1 when this scrape includes its engine's vllm:* metrics, 0 when its engine did not answer.",
+        labels=["model"],
+    )
+    for name, text in zip(names, texts, strict=True):
+        engine_up.add_metric([name], 0.0 if text is None else 1.0)
+    merged = merge_engine_families({name: text for name, text in zip(names, texts, strict=True) if text is not None})
+    return generate_latest(_Scrape(_current().registry, [engine_up, *merged])), CONTENT_TYPE
+
+
+def merge_engine_families(texts: Mapping[str, bytes]) -> list[Metric]:
+    """The families of several engines' scrapes (model name -> text), each family once.
+
+    A sample without a `model_name` label gets its engine's model there; an
+    engine whose text does not parse is left out with a warning.
+    """
+    families: dict[str, Metric] = {}
+    for model, text in texts.items():
+        try:
+            parsed = list(text_string_to_metric_families(text.decode("utf-8", errors="replace")))
+        except ValueError as exc:
+            logger.warning("the engine of model %s sent /metrics that do not parse: %s", model, exc)
+            continue
+        for family in parsed:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                if "model_name" not in sample.labels:
+                    sample = sample._replace(labels={**sample.labels, "model_name": model})
+                merged.samples.append(sample)
+    return list(families.values())

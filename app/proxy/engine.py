@@ -61,7 +61,7 @@ class EngineClient:
         self._calls: set[asyncio.Task[Any]] = set()
         self._drained: set[asyncio.Task[Any]] = set()
         self._aborted = False
-        self._facts: dict[str, Any] = {}
+        self._facts: dict[str, dict[str, Any]] = {}  # by engine URL
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -146,21 +146,22 @@ class EngineClient:
             task.cancel()
         return len(self._calls)
 
-    async def facts(self) -> dict[str, Any]:
-        """max_model_len and version as the engine reports them; cached once known."""
-        if self._facts:
-            return self._facts
+    async def facts(self, base_url: str | None = None) -> dict[str, Any]:
+        """max_model_len and version as the engine (at `base_url`, with MODELS) reports them; cached once known."""
+        url = base_url or self.url
+        if url in self._facts:
+            return self._facts[url]
         facts: dict[str, Any] = {}
         timeout = aiohttp.ClientTimeout(total=FACTS_TIMEOUT_S)
         try:
-            async with self.session.get(f"{self.url}/v1/models", timeout=timeout) as response:
+            async with self.session.get(f"{url}/v1/models", timeout=timeout) as response:
                 models = (await response.json()).get("data") or [{}]
                 facts["max_model_len"] = models[0].get("max_model_len")
-            async with self.session.get(f"{self.url}/version", timeout=timeout) as response:
+            async with self.session.get(f"{url}/version", timeout=timeout) as response:
                 facts["version"] = (await response.json()).get("version")
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
             return facts
-        self._facts = facts
+        self._facts[url] = facts
         return facts
 
     async def unreachable_error(self) -> APIError:

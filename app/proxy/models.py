@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from app.errors import APIError, unavailable
+from app.proxy.reply import KEEPALIVE, SSE_HEADERS, Reply
 
 log = logging.getLogger("app.serve")
 
@@ -31,6 +32,22 @@ Waiter = Callable[["asyncio.Future[str]"], Awaitable[str]]
 
 async def plain_wait(acquiring: asyncio.Future[str]) -> str:
     return await acquiring
+
+
+def keepalive_wait(reply: Reply, keepalive_s: float) -> Waiter:
+    """For a stream: when its model takes longer than `keepalive_s` to be there (it is loading), the
+    answer begins with keep-alive comments until it is; a quicker one is answered as usual."""
+
+    async def wait(acquiring: asyncio.Future[str]) -> str:
+        while True:
+            done, _ = await asyncio.wait((acquiring,), timeout=keepalive_s)
+            if done:
+                return acquiring.result()
+            if not reply.started:
+                await reply.start(200, SSE_HEADERS)
+            await reply.chunk(KEEPALIVE)
+
+    return wait
 
 
 @dataclass
@@ -70,7 +87,7 @@ class ModelRouter:
         return model
 
     def listing(self) -> bytes:
-        """/v1/models: every configured model, with its state (unloaded, loading, loaded, unloading, failed)."""
+        """/v1/models: every configured model, with its state (unloaded, loading, loaded, unloading, sleeping, failed)."""
         states = self.states()
         data = [
             {

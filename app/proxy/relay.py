@@ -22,10 +22,8 @@ error, or an error event once a stream began).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from functools import partial
 from typing import Any
 
 from app.auth import header
@@ -34,8 +32,9 @@ from app.errors import APIError, openai_error_body
 from app.media.service import MediaService
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient
-from app.proxy.models import ModelRouter, plain_wait
-from app.proxy.reply import DONE, KEEPALIVE, SSE_HEADERS, Reply, serve_exchange
+from app.proxy.form_model import form_model
+from app.proxy.models import ModelRouter, keepalive_wait, plain_wait
+from app.proxy.reply import DONE, Reply, serve_exchange
 from app.proxy.upstream import UpstreamResponse
 from app.proxy.usage import UsageFilter, read_json_usage
 from app.request_progress import progress_of
@@ -79,7 +78,7 @@ class Relay:
                 await self._forward(reply, scope, prepared, record, strip_usage, self._engine.url)
                 return
             asked = time.perf_counter()
-            wait = partial(self._wait_with_keepalives, reply) if record.stream else plain_wait
+            wait = keepalive_wait(reply, self._keepalive_s) if record.stream else plain_wait
             async with self._models.lease(record.model, wait) as url:
                 record.load_wait_s = time.perf_counter() - asked
                 await self._forward(reply, scope, prepared, record, strip_usage, url)
@@ -92,10 +91,10 @@ class Relay:
     async def _prepare(self, scope: Scope, route: Route, body: bytes, record: RequestRecord) -> tuple[bytes, bool]:
         """Check the body; returns (body to send, whether to strip the usage block the wrapper asked for)."""
         record.model = self._served_model
-        if self._models is not None and not (route.body == "json" and scope["method"] == "POST"):
+        if self._models is not None and not (route.body in ("json", "multipart") and scope["method"] == "POST"):
             raise APIError(
-                400, f"{route.label} is not routed to a model in a multi-model deployment (MODELS) yet; "
-                "use a route whose JSON body names the model.", code="unsupported_route",
+                400, f"{route.label} names no model, so a multi-model deployment (MODELS) cannot tell which "
+                "engine should answer it; use a POST route whose body names the model.", code="unsupported_route",
             )
         if route.body == "multipart":
             content_type = header(scope["headers"], b"content-type") or b""
@@ -104,6 +103,8 @@ class Relay:
                     400, f"{route.label} takes a multipart/form-data body (the audio file and its fields).",
                     code="invalid_content_type",
                 )
+            if self._models is not None:
+                record.model = self._models.check(form_model(body, content_type))
             return body, False
         if route.body != "json" or scope["method"] != "POST":
             return b"", False
@@ -114,7 +115,7 @@ class Relay:
         elif isinstance(model, str):
             # Every name the model is served under counts as the one it reports.
             record.model = self._served_model if model in self._served_names else model
-        counts = await self._media.prepare(route.label, payload)
+        counts = await self._media.prepare(route.label, payload, record.model if self._models is not None else None)
         record.text_parts, record.images, record.videos = counts.text, counts.image, counts.video
         changed = counts.changed
         strip_usage = False
@@ -126,17 +127,6 @@ class Relay:
                     payload["stream_options"] = asked
                     changed = strip_usage = True
         return (encode_json(payload) if changed else body), strip_usage
-
-    async def _wait_with_keepalives(self, reply: Reply, acquiring: asyncio.Future[str]) -> str:
-        """A stream whose model takes longer than SSE_KEEPALIVE_S to be there (it is loading) begins with
-        keep-alive comments until it is; a quicker one is answered as usual."""
-        while True:
-            done, _ = await asyncio.wait((acquiring,), timeout=self._keepalive_s)
-            if done:
-                return acquiring.result()
-            if not reply.started:
-                await reply.start(200, SSE_HEADERS)
-            await reply.chunk(KEEPALIVE)
 
     async def _forward(
         self, reply: Reply, scope: Scope, body: bytes, record: RequestRecord, strip_usage: bool, engine_url: str

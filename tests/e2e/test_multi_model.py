@@ -107,6 +107,23 @@ def test_alternating_requests_are_answered_by_the_model_they_name(multi_stack: S
     assert all(line["load_wait_ms"] > 0 for line in answered)  # each one waited for its model's engine to start
 
 
+def test_generate_and_metrics_follow_the_loaded_model(multi_stack: Stack) -> None:
+    # SmolLM2 is the one loaded after the alternating requests; /generate names it like /v1 does.
+    response = httpx.post(
+        f"{multi_stack.base_url}/generate",
+        json={"model": SMOL, "prompt": "What is the capital of France?", "max_tokens": 20, "temperature": 0},
+        timeout=LOAD_TIMEOUT_S,
+    )
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert reply["model_info"]["name"] == SMOL and "Paris" in reply["response"], reply
+
+    scrape = httpx.get(f"{multi_stack.base_url}/metrics", timeout=30).text
+    assert f'vllm_api_engine_metrics_up{{model="{SMOL}"}} 1.0' in scrape
+    assert f'vllm:num_requests_running{{engine="0",model_name="{SMOL}"}}' in scrape
+    assert f'model_name="{CHAT}"' not in scrape  # its engine is not running
+
+
 def stream_chat(stack: Stack, model: str, question: str) -> list[dict[str, object]]:
     """The events of one streamed chat completion; fails on an error event or a stream without [DONE]."""
     events: list[dict[str, object]] = []

@@ -342,3 +342,115 @@ async def test_an_operator_unloads_only_a_model_without_requests_in_flight() -> 
     await settle()
     await pool.unload("b")
     assert states(pool)["b"] == "unloaded"
+
+
+# --- sleep mode ------------------------------------------------------------------
+
+
+class SleepyHandle(FakeHandle):
+    """Stands in for an engine launched with vLLM's sleep mode (a GPU build): it sleeps and wakes on request."""
+
+    can_sleep = True
+
+    def __init__(self, name: str, launcher: FakeLauncher, sleep_bytes: int) -> None:
+        super().__init__(name, launcher)
+        self.sleep_bytes = sleep_bytes
+        self.asleep = False
+        self.sleeps = self.wakes = 0
+        self.wake_error: Exception | None = None
+
+    async def sleep(self) -> None:
+        self.asleep, self.sleeps = True, self.sleeps + 1
+
+    async def wake_up(self) -> None:
+        if self.wake_error is not None:
+            raise self.wake_error
+        self.asleep, self.wakes = False, self.wakes + 1
+
+
+class SleepyLauncher(FakeLauncher):
+    def __init__(self, sizes: dict[str, int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+        self.handles: dict[str, list[SleepyHandle]] = {}
+
+    async def __call__(self, name: str) -> SleepyHandle:
+        self.launches.append(name)
+        handle = SleepyHandle(name, self, self.sizes[name])
+        self.running.add(handle)
+        self.handles.setdefault(name, []).append(handle)
+        return handle
+
+
+async def use(pool: EnginePool[FakeHandle], name: str, clock: Clock) -> None:
+    clock.now += 1
+    await pool.acquire(name)
+    pool.release(name)
+    await settle()
+
+
+async def test_an_evicted_engine_that_can_sleep_sleeps_and_the_next_request_wakes_it() -> None:
+    launcher, clock = SleepyLauncher({"a": 10, "b": 10, "c": 10}), Clock()
+    pool = make_pool(launcher, clock, host_budget_bytes=100)
+
+    await use(pool, "a", clock)
+    await use(pool, "b", clock)  # a leaves the device: asleep, its process kept
+    [a] = launcher.handles["a"]
+    assert states(pool) == {"a": "sleeping", "b": "loaded", "c": "unloaded"}
+    assert a.asleep and not a.stopped
+
+    await use(pool, "a", clock)  # woken, not started again; b goes to sleep in its turn
+
+    assert launcher.launches == ["a", "b"]
+    assert (a.sleeps, a.wakes, a.asleep) == (1, 1, False)
+    assert states(pool) == {"a": "loaded", "b": "sleeping", "c": "unloaded"}
+
+
+async def test_sleepers_stay_within_the_host_memory_budget() -> None:
+    launcher, clock = SleepyLauncher({"a": 60, "b": 30, "c": 200}), Clock()
+    pool = make_pool(launcher, clock, host_budget_bytes=80)
+
+    await use(pool, "a", clock)
+    await use(pool, "b", clock)  # a (60) sleeps
+    await use(pool, "c", clock)  # b (30) would make 90 > 80: a, the least recently used sleeper, is stopped
+    [a], [b] = launcher.handles["a"], launcher.handles["b"]
+    assert a.stopped and b.asleep and not b.stopped
+    assert states(pool) == {"a": "unloaded", "b": "sleeping", "c": "loaded"}
+
+    await use(pool, "b", clock)  # c (200) is larger than the whole budget: stopped, not slept
+
+    [c] = launcher.handles["c"]
+    assert c.stopped and c.sleeps == 0
+    assert states(pool) == {"a": "unloaded", "b": "loaded", "c": "unloaded"}
+
+
+async def test_without_a_host_budget_or_on_an_idle_ttl_models_are_stopped() -> None:
+    launcher, clock = SleepyLauncher({"a": 10, "b": 10, "c": 10}), Clock()
+    pool = make_pool(launcher, clock, host_budget_bytes=0)
+    await use(pool, "a", clock)
+    await use(pool, "b", clock)
+    assert launcher.handles["a"][0].stopped and launcher.handles["a"][0].sleeps == 0
+
+    launcher = SleepyLauncher({"a": 10, "b": 10, "c": 10})
+    budgeted = make_pool(launcher, clock, host_budget_bytes=100, idle_ttl_s=60)
+    await use(budgeted, "a", clock)
+    await use(budgeted, "b", clock)  # a sleeps
+    clock.now += 61
+    assert sorted(budgeted.evict_idle()) == ["a", "b"]  # the sleeper and the idle loaded one alike
+    await settle()
+    assert states(budgeted) == {"a": "unloaded", "b": "unloaded", "c": "unloaded"}
+    assert not launcher.running
+
+
+async def test_an_engine_that_will_not_wake_is_stopped_and_started_again() -> None:
+    launcher, clock = SleepyLauncher({"a": 10, "b": 10, "c": 10}), Clock()
+    pool = make_pool(launcher, clock, host_budget_bytes=100)
+    await use(pool, "a", clock)
+    await use(pool, "b", clock)
+    [first] = launcher.handles["a"]
+    first.wake_error = RuntimeError("POST /wake_up answered 500")
+
+    await use(pool, "a", clock)
+
+    assert first.stopped and launcher.launches == ["a", "b", "a"]
+    assert states(pool)["a"] == "loaded" and pool.loaded()["a"] is launcher.handles["a"][1]

@@ -424,3 +424,16 @@ async def test_database_down_at_start_leaves_v1_serving(make_wrapper: MakeWrappe
             assert error["code"] == "conversation_store_unavailable" and "PostgreSQL" in error["message"]
             assert "secret" not in response.text
         assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_a_model_named_in_the_request_must_be_the_served_one(make_wrapper: MakeWrapper, engine: FakeEngine) -> None:
+    wrapper = await make_wrapper()
+    client = wrapper.client()
+    named = await client.post("/generate", json={"model": SERVED_NAME, "prompt": "hello"})
+    other = await client.post("/generate", json={"model": "gpt-4", "prompt": "hello"})
+
+    assert named.status_code == 200, named.text
+    error = assert_openai_error(other, 404, param="model")
+    assert error["code"] == "model_not_found" and SERVED_NAME in error["message"]
+    assert len(engine.chat_requests) == 1

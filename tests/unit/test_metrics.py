@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.observability import gpu, metrics
@@ -422,3 +423,27 @@ def test_exposition_fixture_is_a_real_engine_scrape() -> None:
     assert families["vllm:num_requests_running"].type == "gauge"
     assert families["vllm:time_to_first_token_seconds"].type == "histogram"
     assert sum(name.startswith("vllm:") for name in families) > 20
+
+
+def test_engines_of_several_models_merge_into_one_family_each() -> None:
+    text = ENGINE_FIXTURE.read_text()
+    texts = {name: text.replace('model_name="tiny-llama"', f'model_name="{name}"').encode() for name in ("a", "b")}
+    texts["broken"] = b"vllm:num_requests_running{model_name=\n"
+
+    families = metrics.merge_engine_families(texts)
+
+    body = generate_latest(_Families(families)).decode()
+    parsed = parse(body.encode())
+    assert set(parsed) == {family.name for family in text_string_to_metric_families(text)}
+    running = parsed["vllm:num_requests_running"]
+    assert {sample.labels["model_name"] for sample in running.samples} == {"a", "b"}  # the broken one left out
+    # vLLM's unlabelled process series get their engine's model, so the two engines' samples stay apart.
+    assert {sample.labels["model_name"] for sample in parsed["process_resident_memory_bytes"].samples} == {"a", "b"}
+
+
+class _Families:
+    def __init__(self, families: list[object]) -> None:
+        self._families = families
+
+    def collect(self) -> list[object]:
+        return self._families

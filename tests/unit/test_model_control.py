@@ -81,7 +81,11 @@ async def test_a_lease_returns_the_models_engine_url_and_its_state_is_published(
 
     async with router.lease("b") as url:
         assert url == "http://127.0.0.1:9301"
-        assert published[-1] == {"a": {"state": "unloaded", "error": None}, "b": {"state": "loaded", "error": None}}
+        # A loaded model's engine URL is published too: the wrappers scrape its /metrics there.
+        assert published[-1] == {
+            "a": {"state": "unloaded", "error": None},
+            "b": {"state": "loaded", "error": None, "url": "http://127.0.0.1:9301"},
+        }
         assert engines.pool.views()["b"].leases == 1
     for _ in range(100):
         if engines.pool.views()["b"].leases == 0:
