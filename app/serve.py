@@ -37,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.config import ConfigError, Settings, load_settings
 from app.errors import APIError
+from app.lazy_timer import LazyTimer
 from app.lifecycle.status import CONTROL_SOCKET_ENV, STATUS_FILE_ENV
 from app.main import create_app
 from app.observability.logging import configure_logging, install_secret_redaction, uvicorn_log_config
@@ -149,22 +150,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     linger_bytes = 30 * 1024 * 1024
     linger_timeout_s = 60.0
-    _deadline: asyncio.TimerHandle | None = None
     _lingering = False
     _discarded = 0
+    _idle = False  # the deadline set is the keep-alive one (no request since the last response)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._progress: deque[RequestProgress] = deque()
+        # Headers, keep-alive and linger deadlines, one at a time, on one timer (app.lazy_timer).
+        self._timer = LazyTimer(self.loop)
         self._arm(self.header_timeout_s, self._headers_too_slow)
+
+    def _unset_keepalive_if_required(self) -> None:
+        """uvicorn's hook when data arrives: the keep-alive deadline ends (uvicorn's own timer is never set)."""
+        if self._idle:
+            self._idle = False
+            self._timer.clear()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._deadline is None:
+        if not self._timer.pending:
             self._arm(self.header_timeout_s, self._headers_too_slow)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._timer.clear()
         super().on_headers_complete()
         if self.cycle is not None and self.cycle.scope is self.scope:  # a request to serve, not an upgrade
             self.cycle.transport = HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
@@ -183,37 +192,46 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._lingering:
             self._lingering = False
-            self._disarm()
+            self._timer.clear()
+            if not self.pipeline and not self.transport.is_closing():
+                self._keep_alive()
         super().on_message_complete()
         if self._progress:
             self._progress[-1].body_complete = True  # the request whose headers came last
 
     def on_response_complete(self) -> None:
+        """uvicorn's, with its keep-alive timer replaced by a deadline on the connection's one timer."""
         if self._progress:
             self._progress.popleft()  # responses complete in the order requests arrived
-        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.cycle is not None and self.cycle.more_body:
             self._lingering, self._discarded = True, 0
             self._arm(self.linger_timeout_s, self.transport.close)
-        super().on_response_complete()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif not self._lingering:
+            self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        self._arm(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._idle = True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._timer.cancel()
         super().connection_lost(exc)
         progress, self._progress = self._progress, deque()
         for request in progress:
             request.client_left()
 
     def _arm(self, delay_s: float, callback: Callable[[], object]) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(delay_s, callback)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._idle = False
+        self._timer.set(self.loop.time() + delay_s, callback)
 
     def _headers_too_slow(self) -> None:
-        self._deadline = None
         if self.transport.is_closing():
             return
         body = APIError(

@@ -14,7 +14,7 @@ other core. In the real-engine cells the engine computes on the first core and t
 wrapper runs on the other. Cells run interleaved: each repeat measures every gateway at one
 concurrency back to back, so ratios compare measurements taken seconds apart.
 
-Run: `python -m bench.run [--quick] [--engine] [--workers N] [--httpx] [--profile] [--compare REF]`.
+Run: `python -m bench.run [--quick] [--engine] [--workers N] [--httpx] [--granian] [--profile] [--compare REF]`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -60,6 +61,7 @@ ENGINE_PORT = PORT_BASE + 30
 WRAPPER_ENGINE_PORT = PORT_BASE + 31
 COMPARE_PORT = PORT_BASE + 40
 COMPARE_DECODE_PORT = PORT_BASE + 41
+GRANIAN_PORT = PORT_BASE + 42
 
 TOKENS = 64
 DECODE_DELAY_MS = 5.0
@@ -87,6 +89,7 @@ class Plan:
     gateway_core: int
     client_core: int
     quick: bool
+    granian: bool = False  # the wrapper's app under Granian too (a candidate server)
     compare: str | None = None  # a git revision of the wrapper measured beside the working tree
 
 
@@ -95,7 +98,7 @@ class Job:
     """One cell of the matrix: a scenario measured through one gateway at one concurrency."""
 
     scenario: str  # a key of report.RATE_METRIC
-    gateway: str  # direct | nginx | vllm-router | aiohttp | httpx | wrapper | wrapper@<REF> | wrapper-<N>w
+    gateway: str  # direct | nginx | vllm-router | aiohttp | httpx | wrapper | wrapper@<REF> | wrapper-granian | wrapper-<N>w
     cell: Cell
     service: Service  # the process tree whose CPU is the gateway's
     pinned: bool  # whether the gateway is pinned to the gateway core
@@ -148,23 +151,18 @@ class Bench:
         `core`: the core (or taskset list of cores) it is pinned to, or None to let it run on any.
         `root`: the source tree it runs from (another revision's export for `--compare`).
         """
-        env = {
-            "PATH": f"{Path(PYTHON).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": os.environ.get("HOME", "/root"),
-            "LANG": "C.UTF-8",
-            "PYTHON": PYTHON,
-            "ENGINE_URL": f"http://127.0.0.1:{engine_port}",
-            "HOST": "127.0.0.1",
-            "PORT": str(port),
-            "WORKERS": str(workers),
-            "LOG_FORMAT": "json",
-            "MODEL_NAME": model,
-            "HF_HOME": str(self.workdir / name / "hf"),
-            "DRAIN_TIMEOUT_S": "1",
-        }
+        env = wrapper_env(port, engine_port, workers=workers, model=model, hf_home=self.workdir / name / "hf")
         return Service(name, ["bash", "scripts/start.sh"], port, self.logs / f"{name}.log",
                        cpus=None if core is None else str(core), env=env, cwd=root,
                        ready_timeout_s=ENGINE_READY_TIMEOUT_S)
+
+    def granian(self, name: str, port: int) -> Service:
+        """The wrapper's application under Granian (a candidate server, `bench.granian_wrapper`), pinned like the
+        wrapper, with the same environment; no supervisor, as Granian would run it."""
+        env = {**wrapper_env(port, UPSTREAM_PORT, workers=1, model="m", hf_home=self.workdir / name / "hf"),
+               "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+        return Service(name, granian_argv(), port, self.logs / f"{name}.log", cpus=str(self.plan.gateway_core),
+                       env=env, cwd=REPO, ready_timeout_s=ENGINE_READY_TIMEOUT_S)
 
     def compared_tree(self, revision: str) -> Path:
         """The wrapper's files at `revision`, exported (`git archive`) into the work directory."""
@@ -206,6 +204,9 @@ class Bench:
             wrapper_decode = self.wrapper("wrapper-decode", WRAPPER_DECODE_PORT, DECODE_UPSTREAM_PORT, core=core)
             decode["wrapper"] = (wrapper_decode.url, wrapper_decode)
             servers += [gateways["wrapper"], wrapper_decode]
+            if plan.granian:
+                gateways["wrapper-granian"] = self.granian("wrapper-granian", GRANIAN_PORT)
+                servers.append(gateways["wrapper-granian"])
             if plan.compare:
                 label, tree = f"wrapper@{plan.compare}", self.compared_tree(plan.compare)
                 gateways[label] = self.wrapper("wrapper-compare", COMPARE_PORT, UPSTREAM_PORT, core=core, root=tree)
@@ -339,6 +340,8 @@ def parse_args(argv: list[str] | None) -> Plan:
     parser.add_argument("--workers", type=int, default=None,
                         help="add scale-out cells: the wrapper with WORKERS=N on N cores vs WORKERS=1 on one")
     parser.add_argument("--httpx", action="store_true", help="add the FastAPI + httpx pass-through for reference")
+    parser.add_argument("--granian", action="store_true",
+                        help="also measure the wrapper's app served by Granian instead of uvicorn (a candidate)")
     parser.add_argument("--compare", metavar="REF", default=None,
                         help="also measure the wrapper as it is at git revision REF (e.g. main), in the same cells")
     parser.add_argument("--profile", action="store_true",
@@ -373,6 +376,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         client_core=1 - args.gateway_core,
         quick=args.quick,
         compare=args.compare,
+        granian=args.granian,
     )
 
 
@@ -404,6 +408,33 @@ def router_argv(port: int, upstream_port: int, metrics_port: int) -> list[str]:
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
 
 
+def wrapper_env(port: int, engine_port: int, *, workers: int, model: str, hf_home: Path) -> dict[str, str]:
+    """The wrapper's environment as deployed in wrapper-only mode: every feature on, one JSON log line per request."""
+    return {
+        "PATH": f"{Path(PYTHON).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+        "PYTHON": PYTHON,
+        "ENGINE_URL": f"http://127.0.0.1:{engine_port}",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WORKERS": str(workers),
+        "LOG_FORMAT": "json",
+        "MODEL_NAME": model,
+        "HF_HOME": str(hf_home),
+        "DRAIN_TIMEOUT_S": "1",
+    }
+
+
+def granian_installed() -> bool:
+    return importlib.util.find_spec("granian") is not None
+
+
+def granian_argv() -> list[str]:
+    """Granian serving the wrapper's app: one worker, one runtime thread (bench.granian_wrapper)."""
+    return [PYTHON, "-m", "bench.granian_wrapper"]
+
+
 def export_revision(revision: str, directory: Path) -> None:
     """The repository's files at `revision` (a commit, branch or tag) into `directory`."""
     archive = subprocess.run(["git", "archive", "--format=tar", revision], cwd=REPO, capture_output=True,
@@ -430,6 +461,8 @@ def preflight(plan: Plan) -> None:
     if plan.compare and subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{plan.compare}^{{commit}}"],
                                        cwd=REPO, capture_output=True, check=False).returncode != 0:
         sys.exit(f"bench: --compare {plan.compare}: no such git revision")
+    if plan.granian and not granian_installed():
+        sys.exit("bench: --granian needs Granian; install it with `.venv/bin/pip install -r requirements-dev.txt`")
     if plan.profile and py_spy() is None:
         sys.exit("bench: --profile needs py-spy; install it with `.venv/bin/pip install py-spy`")
     missing = wrapper_missing()

@@ -15,7 +15,8 @@ client does only what that takes:
 - flow control: reading from the engine pauses while a response holds more
   than `HIGH_WATER_BYTES` its reader has not taken;
 - timeouts: one for the whole exchange and, for streams, one for the silence
-  between reads, checked by one timer per exchange rather than one per read;
+  between reads, checked by one timer per connection (`app.lazy_timer`)
+  rather than one per read or per exchange;
 - an exchange left before its end closes its connection, so the engine sees
   the disconnect and aborts the generation.
 
@@ -31,6 +32,8 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import httptools
+
+from app.lazy_timer import LazyTimer
 
 HIGH_WATER_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
@@ -70,7 +73,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "_chunks", "_close_delimited", "_connection", "_deadline", "_eof", "_error", "_head_only",
-        "_idle_s", "_loop", "_paused", "_reusable", "_size", "_timer", "_waiter", "headers", "last_data_at", "status",
+        "_idle_s", "_loop", "_paused", "_reusable", "_size", "_waiter", "headers", "last_data_at", "status",
     )
 
     def __init__(self, connection: _Connection, loop: asyncio.AbstractEventLoop, head_only: bool) -> None:
@@ -88,7 +91,6 @@ class UpstreamResponse:
         self._paused = False
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._idle_s: float | None = None
 
@@ -192,7 +194,7 @@ class UpstreamResponse:
         self._deadline = now + total_s
         self._idle_s = idle_s
         self.last_data_at = now
-        self._timer = self._loop.call_at(self._next_check(), self._check_time)
+        self._connection.timer.set(self._next_check(), self._check_time)
 
     def _next_check(self) -> float:
         if self._idle_s is None:
@@ -200,8 +202,7 @@ class UpstreamResponse:
         return min(self._deadline, self.last_data_at + self._idle_s)
 
     def _check_time(self) -> None:
-        """One timer per exchange: at each expiry, either a timeout or a later check."""
-        self._timer = None
+        """One deadline per exchange (on its connection's timer): at each expiry, a timeout or a later check."""
         if self._eof or self._error is not None:
             return
         now = self._loop.time()
@@ -210,12 +211,12 @@ class UpstreamResponse:
         elif self._idle_s is not None and now >= self.last_data_at + self._idle_s:
             self._fail(ExchangeTimeout(idle=True))
         else:
-            self._timer = self._loop.call_at(self._next_check(), self._check_time)
+            self._connection.timer.set(self._next_check(), self._check_time)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        connection = self._connection
+        if connection.response is self:  # else the connection has moved on to another exchange
+            connection.timer.clear()
 
     # --- from the connection ---------------------------------------------------
     def _on_headers(self, status: int, close_delimited: bool) -> None:
@@ -257,8 +258,9 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; it carries at most one exchange at a time."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
+        self.timer = LazyTimer(loop)  # the deadlines of its exchanges, one after the other
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
         self.closed = False
@@ -288,6 +290,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.timer.cancel()
         if self.response is not None:
             self.response._on_lost()
         else:
@@ -330,6 +333,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.timer.cancel()
             if self.transport is not None:
                 self.transport.close()
 
@@ -415,7 +419,7 @@ class UpstreamPool:
             self._open.discard(connection)
         try:
             _, connection = await loop.create_connection(
-                lambda: _Connection(self), self._host, self._port, ssl=self._ssl
+                lambda: _Connection(self, loop), self._host, self._port, ssl=self._ssl
             )
         except OSError as error:
             raise ConnectFailed(str(error)) from None

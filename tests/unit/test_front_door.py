@@ -181,6 +181,28 @@ async def test_a_client_that_trickles_its_headers_is_cut_off(engine: FakeEngine)
             assert (await client.get("/health/live")).status_code == 200
 
 
+async def test_a_kept_alive_connection_keeps_its_header_deadline_and_closes_when_idle(engine: FakeEngine) -> None:
+    """After a response, the connection waits for the next request up to uvicorn's keep-alive timeout;
+    the next request's headers are bounded again."""
+    async with running_wrapper(engine.url, HEADER_READ_TIMEOUT_S="0.5") as wrapper:
+        wrapper.server.config.timeout_keep_alive = 1  # read by each new connection
+        reader, writer = await open_raw(wrapper)
+        for _ in range(2):
+            writer.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+        writer.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n")  # then the third one's headers stop
+        status, _, body = await read_response(reader, timeout_s=60)
+        assert status == 408 and "HEADER_READ_TIMEOUT_S" in json.loads(body)["error"]["message"]
+        writer.close()
+
+        idle_reader, idle = await open_raw(wrapper)
+        idle.write(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(idle_reader))[0] == 200
+        async with asyncio.timeout(60):
+            assert await idle_reader.read() == b"", "an idle kept-alive connection is closed, without a 408"
+        idle.close()
+
+
 async def test_a_client_that_trickles_its_body_gets_408_and_frees_its_slot(engine: FakeEngine) -> None:
     async with running_wrapper(engine.url, BODY_READ_TIMEOUT_S="0.5", MAX_CONCURRENT_REQUESTS="1") as wrapper:
         reader, writer = await open_raw(wrapper)
