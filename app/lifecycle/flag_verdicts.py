@@ -3,8 +3,9 @@
 The full check (flag_check.py) has the pinned vLLM's own parser judge the
 engine's command line in a child process: 20-30 s of CPU on a small machine,
 spent beside the engine's own load on every start. Its verdict depends only
-on what the check reads, so it is kept next to the compile cache
-(`<cache_dir>/vllm-cache/<vllm version>/flag-checks/<digest>.json`) under a
+on what the check reads, so it is kept beside the compile cache
+(`<cache_dir>/vllm-flag-checks/<vllm version>/<digest>.json`, next to
+`vllm-cache`, whose version folders hold only compile-cache folders) under a
 key made of exactly that:
 
 - the installed vLLM's version and the plugins it loads (`vllm.general_plugins`
@@ -38,11 +39,10 @@ from importlib import metadata
 from pathlib import Path
 
 from app.config import Settings
-from app.lifecycle.compile_cache import FOLDER
 
 logger = logging.getLogger(__name__)
 
-VERDICT_FOLDER = "flag-checks"
+FOLDER = "vllm-flag-checks"
 PLUGIN_GROUP = "vllm.general_plugins"
 
 
@@ -71,7 +71,7 @@ def installed_plugins() -> list[str]:
 def verdict_path(cache_dir: Path, key: Mapping[str, object]) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     version = "".join(c if c.isalnum() or c in "._-" else "-" for c in str(key["vllm"]))
-    return cache_dir / FOLDER / version / VERDICT_FOLDER / f"{digest}.json"
+    return cache_dir / FOLDER / version / f"{digest}.json"
 
 
 def load_verdict(path: Path) -> Verdict | None:

@@ -47,7 +47,7 @@ def test_a_second_start_with_the_same_configuration_uses_the_kept_verdict(tmp_pa
     assert asyncio.run(kept_or_checked(path, "0.32.0", first)) == Verdict(SENTENCE)
     assert asyncio.run(kept_or_checked(path, "0.32.0", second)) == Verdict(SENTENCE)
     assert (first.calls, second.calls) == (1, 0)
-    assert path.is_relative_to(tmp_path / "vllm-cache" / "0.32.0"), "next to the compile cache, per vLLM version"
+    assert path.is_relative_to(tmp_path / "vllm-flag-checks" / "0.32.0"), "beside the compile cache, per vLLM version"
 
 
 def test_an_accepted_command_line_is_kept_too(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_a_corrupt_kept_verdict_runs_the_check_and_is_replaced(
 
 
 def test_a_volume_that_cannot_be_written_still_gets_the_check(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "vllm-cache").write_text("a file where the folder should be")  # fails for root too
+    (tmp_path / "vllm-flag-checks").write_text("a file where the folder should be")  # fails for root too
     path = verdict_path(tmp_path, key_for({}))
     check = Check(Verdict(SENTENCE))
     with caplog.at_level(logging.WARNING):
@@ -139,4 +139,4 @@ def test_the_supervisor_runs_the_real_check_once_per_configuration(
         sentences.append(asyncio.run(supervisor._check_engine_flags()))
     assert sentences[0] is not None and "did you mean `hermes`?" in sentences[0]
     assert sentences[1] == sentences[0] and len(children) == 1
-    assert list((tmp_path / "hf" / "vllm-cache").glob("*/flag-checks/*.json"))
+    assert list((tmp_path / "hf" / "vllm-flag-checks").glob("*/*.json"))
