@@ -19,36 +19,48 @@ Scenarios, each in one run on the same model and flags:
   command line and environment the supervisor gives the engine for the warm
   cache's snapshot; no wrapper, no warm-up.
 - `warm`: `scripts/start.sh` with `MODEL_NAME=org/tiny-llama` and a complete
-  cache: the model and the engine's own cache (VLLM_CACHE_ROOT) on the volume,
-  as a restart finds them; no Hub request.
+  cache: the model, the engine's own cache (VLLM_CACHE_ROOT) and the full
+  flag check's verdict on the volume, as a restart finds them; no Hub request.
 - `no-engine-cache`: the same with an empty VLLM_CACHE_ROOT, as every restart
-  was while it lived in the container's home directory.
+  was while it lived in the container's home directory (a VLLM_CACHE_ROOT
+  of its own also keys the flag check's verdict apart: the check runs).
 - `cold`: the same with an empty cache: preflight, fit check and download
   from the local Hub double (tests/fakehub.py).
 - `precached`: the same with the model placed the way RunPod's cached models
   are (lower-cased folder, no metadata) on a volume.
 - `baked` (`--baked IMAGE`): `docker run` of an image built by
   `build_and_push.sh --bake` on the same model.
+- `vlm-warmup` and `vlm-no-warmup`: `scripts/start.sh` on the local tiny
+  Qwen2-VL directory with WARMUP=true and false. Right after `/ping` 200,
+  eleven chat requests with an image each are sent one after the other
+  through the wrapper; the first one's latency over the median of the next
+  ten says whether the first user request pays for lazy initialisation (1.0:
+  it does not). Each request has its own image, none the warm-up's, so that
+  vLLM's cache of processed images cannot make any of them cheaper.
 
 `warm` against `bare` is the supervisor's overhead: the difference and the
 ratio of their medians, to `ready` and to the first token (`bare` pays its
 lazy initialisation in its first request, `warm` in its warm-up). Every
 repeat runs each scenario once, in an order rotated from repeat to repeat,
-after one untimed start that brings vLLM's files into the page cache.
+after one untimed start (`warm`, else the first scenario) that brings
+vLLM's files into the page cache and leaves on the volume what an earlier
+start would have (the full flag check's verdict, the engine's own cache).
 vLLM's CPU build cannot reload its compile cache, so warm and cold compile
 caches start alike here; the test stacks run in eager mode, as does this.
 
-Ports: 8600-8699. Output: a Markdown table on stdout and in
+Ports: 8600-8699. The scenarios run by default are all but `baked`. Output: a Markdown table on stdout and in
 bench/results/startup.md, every start in bench/results/startup.json.
 
-Run: `python -m bench.startup [--repeats N] [--scenarios bare,warm,no-engine-cache,cold,precached]
-[--baked IMAGE]`.
+Run: `python -m bench.startup [--repeats N]
+[--scenarios bare,warm,no-engine-cache,cold,precached,vlm-warmup,vlm-no-warmup] [--baked IMAGE]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
+import io
 import json
 import os
 import shutil
@@ -62,11 +74,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from PIL import Image
 
 from app.config import load_settings
 from app.lifecycle.compile_cache import with_compile_cache
 from app.lifecycle.engine_args import build_engine_launch
 from app.lifecycle.model_source import prepare_model
+from app.lifecycle.warmup import IMAGE_SIDE
 from app.media import detect_modalities
 from tests.fakehub import FakeHub, hub_environment
 
@@ -74,8 +88,12 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 MODEL_DIR = REPO / ".models" / "tiny-llama"
 MODEL_ID = "org/tiny-llama"
+VLM_DIR = REPO / ".models" / "tiny-qwen2-vl"
 PORTS = {"bare": (8600, 8600), "warm": (8610, 8611), "no-engine-cache": (8650, 8651), "cold": (8620, 8621),
-         "precached": (8630, 8631), "baked": (8640, 8640)}
+         "precached": (8630, 8631), "vlm-warmup": (8660, 8661), "vlm-no-warmup": (8670, 8671),
+         "baked": (8640, 8640)}
+WARMUP_OF = {"vlm-warmup": "true", "vlm-no-warmup": "false"}  # the WARMUP setting of each VLM scenario
+FOLLOWING_REQUESTS = 10  # the first image request after ready is compared with this many after it
 # The test stacks' engine settings (tests/stack.py): eager, a 1 GiB KV cache, two threads.
 ENGINE_ENV = {
     "DEVICE": "cpu", "ENFORCE_EAGER": "true", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2",
@@ -96,6 +114,7 @@ class Start:
     first_request_ttft_s: float | None = None  # that request's own time to first token
     phases: dict[str, float] = field(default_factory=dict)
     engine_spawn_s: float | None = None  # supervisor: from the spawn to the engine's spawn
+    image_requests_s: list[float] = field(default_factory=list)  # VLM: latencies after ready, in order
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
     error: str | None = None
 
@@ -114,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         with FakeHub({MODEL_ID: MODEL_DIR}) as hub:
             bench = Bench(work, hub, args)
             bench.prepare_warm_cache()
-            # One start that is not counted: the first after a while reads vLLM's files from disk.
-            print(f"  {'(untimed)':10}    {describe(bench.run('bare', 0))}", flush=True)
+            # One start that is not counted: the first after a while reads vLLM's files from disk, and a
+            # `warm` one leaves on the volume what an earlier start would have (the flag check's verdict).
+            untimed = "warm" if "warm" in args.scenarios else args.scenarios[0]
+            print(f"  {'(untimed)':10}    {describe(bench.run(untimed, 0))}", flush=True)
             for repeat in range(1, args.repeats + 1):
                 # Rotated, so that no scenario always follows the same one.
                 shift = (repeat - 1) % len(args.scenarios)
@@ -138,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--scenarios", default="bare,warm,no-engine-cache,cold,precached",
+    parser.add_argument("--scenarios", default="bare,warm,no-engine-cache,cold,precached,vlm-warmup,vlm-no-warmup",
                         help="comma-separated, run in this order in each repeat")
     parser.add_argument("--baked", metavar="IMAGE", help="also time `docker run` of this baked image")
     args = parser.parse_args(argv)
@@ -176,6 +197,8 @@ class Bench:
                 self._bare(start, log)
             elif scenario == "baked":
                 self._baked(start, log)
+            elif scenario in WARMUP_OF:
+                self._vlm(start, log)
             else:
                 self._wrapper(start, log)
         except (TimeoutError, RuntimeError, httpx.HTTPError, OSError) as error:
@@ -219,6 +242,24 @@ class Bench:
             start.engine_spawn_s = seconds_to_log_line(log, "starting engine", process.spawned_wall)
         if start.scenario in ("warm", "no-engine-cache", "precached") and self.hub.total_requests:
             start.error = f"{self.hub.total_requests} Hub requests on a {start.scenario} start"
+
+    def _vlm(self, start: Start, log: Path) -> None:
+        port, vllm_port = PORTS[start.scenario]
+        env = {**os.environ, **ENGINE_ENV, "MODEL_NAME": str(VLM_DIR), "WARMUP": WARMUP_OF[start.scenario],
+               "PORT": str(port), "VLLM_PORT": str(vllm_port), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "",
+               "HF_HOME": str(self.work / "vlm-home"), "CACHE_VOLUMES": str(self.work / "no-volume"),
+               "PYTHON": sys.executable}
+        with Process(["bash", str(REPO / "scripts" / "start.sh")], env, log) as process:
+            url = f"http://127.0.0.1:{port}"
+            start.first_answer_s = wait_for(process, url + "/ping", {200, 204}.__contains__)
+            start.ready_s = wait_for(process, url + "/ping", (200).__eq__)
+            with httpx.Client(base_url=url, timeout=120) as client:
+                served = client.get("/v1/models").json()["data"][0]["id"]
+                for index in range(1 + FOLLOWING_REQUESTS):
+                    sent = time.monotonic()
+                    client.post("/v1/chat/completions", json=image_request(served, index)).raise_for_status()
+                    start.image_requests_s.append(time.monotonic() - sent)
+                start.phases = client.get("/health").json()["phase_seconds"]
 
     def _baked(self, start: Start, log: Path) -> None:
         port, _ = PORTS["baked"]
@@ -314,6 +355,22 @@ def seconds_to_log_line(log: Path, message: str, spawned_wall: float) -> float |
     return None
 
 
+def image_request(model: str, index: int) -> dict[str, object]:
+    """A chat request with an image of its own: a colour per index, never the warm-up's image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), (index * 23 % 256, 40, 80)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "text", "text": "Describe the image."}, {"type": "image_url", "image_url": {"url": url}}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+
+
+def first_request_ratio(latencies: list[float]) -> float | None:
+    """The first request's latency over the median of the ones after it; None without both."""
+    if len(latencies) < 2:
+        return None
+    return latencies[0] / statistics.median(latencies[1:])
+
+
 def place_like_runpod(snapshot: Path, hub_cache: Path) -> None:
     """The snapshot's files under RunPod's lower-cased folder, without refs/ or trees/."""
     target = hub_cache / "models--org--tiny-llama" / "snapshots" / snapshot.name
@@ -328,8 +385,9 @@ def place_like_runpod(snapshot: Path, hub_cache: Path) -> None:
 def describe(start: Start) -> str:
     if start.error:
         return f"error: {start.error}"
-    return (f"204 {fmt(start.first_answer_s)} s, 200 {fmt(start.ready_s)} s, first token {fmt(start.first_token_s)} s"
-            f" (load {start.load_average[0]:.1f})")
+    first = (f"first image request {fmt(first_request_ratio(start.image_requests_s))}× the next"
+             if start.image_requests_s else f"first token {fmt(start.first_token_s)} s")
+    return f"204 {fmt(start.first_answer_s)} s, 200 {fmt(start.ready_s)} s, {first} (load {start.load_average[0]:.1f})"
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -341,9 +399,9 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def spread(values: list[float | None]) -> str:
+def spread(values: list[float | None], digits: int = 1) -> str:
     present = [v for v in values if v is not None]
-    return f"{min(present):.1f}–{max(present):.1f}" if present else "—"
+    return f"{min(present):.{digits}f}–{max(present):.{digits}f}" if present else "—"
 
 
 def report(starts: list[Start], args: argparse.Namespace) -> str:
@@ -354,7 +412,7 @@ def report(starts: list[Start], args: argparse.Namespace) -> str:
         f"# Start-up benchmark, {datetime.datetime.now().isoformat(timespec='minutes')}",
         "",
         f"`python -m bench.startup --repeats {args.repeats} --scenarios {','.join(args.scenarios)}`: "
-        f"tiny-llama on the CPU engine, eager, {os.cpu_count()} cores, "
+        f"tiny-llama (`vlm-*`: tiny Qwen2-VL) on the CPU engine, eager, {os.cpu_count()} cores, "
         f"load average (1 min) at the starts {min(loads):.1f}–{max(loads):.1f}. Seconds from the spawn, "
         "medians (range) over the repeats.",
         "",
@@ -372,11 +430,35 @@ def report(starts: list[Start], args: argparse.Namespace) -> str:
             f"{fmt(median([s.first_request_ttft_s for s in group]), 3)} | "
             + " | ".join(fmt(phases[key], 2) for key in phases) + " |"
         )
-    lines += ["", *overhead(by)]
+    lines += ["", *overhead(by), *first_request_table(by)]
     failed = [s for s in starts if s.error]
     if failed:
         lines += ["", "Failed starts: " + "; ".join(f"{s.scenario} #{s.repeat}: {s.error}" for s in failed)]
     return "\n".join(lines) + "\n"
+
+
+def first_request_table(by: dict[str, list[Start]]) -> list[str]:
+    """The first image request after ready against the next ones: medians over the repeats (range)."""
+    rows = {name: group for name, group in by.items() if name in WARMUP_OF and group}
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"First image request after `/ping` 200 against the next {FOLLOWING_REQUESTS} (tiny Qwen2-VL, through the "
+        "wrapper), seconds; the ratio is the first over the median of the next ones, per start:",
+        "",
+        f"| scenario | WARMUP | starts | first request | median of the next {FOLLOWING_REQUESTS} | first / next |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, group in rows.items():
+        ratios = [first_request_ratio(s.image_requests_s) for s in group]
+        lines.append(
+            f"| {name} | {WARMUP_OF[name]} | {len(group)} | "
+            f"{fmt(median([s.image_requests_s[0] if s.image_requests_s else None for s in group]), 3)} | "
+            f"{fmt(median([statistics.median(s.image_requests_s[1:]) if len(s.image_requests_s) > 1 else None for s in group]), 3)} | "
+            f"{fmt(median(ratios))}× ({spread(ratios, 2)}) |"
+        )
+    return lines
 
 
 def overhead(by: dict[str, list[Start]]) -> list[str]:

@@ -24,7 +24,8 @@ misspelling, the closest valid name. Two checks share the sentences:
   the wrappers, while the Hub metadata is fetched or a local model loads; the
   download and the engine's readiness wait for its verdict. A check that
   cannot run (a crash, a timeout) is logged and skipped: the engine then
-  judges the flags itself.
+  judges the flags itself. Its verdict is kept on the volume
+  (flag_verdicts.py), so a restart with the same configuration skips it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any, NoReturn
 
 from app.config import SECRET_SETTINGS, Settings, load_settings
 from app.lifecycle.engine_args import SETTING_OF_FLAG, build_engine_args
+from app.lifecycle.flag_verdicts import Verdict
 from app.lifecycle.processes import die_with_parent
 
 log = logging.getLogger("app.lifecycle")
@@ -304,8 +306,9 @@ def check_environment(engine_env: Mapping[str, str], source: Mapping[str, str]) 
     return {**engine_env, **{key: value for key, value in source.items() if key.upper() in names}}
 
 
-async def check_engine_flags(env: Mapping[str, str], timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
-    """The full check's sentence, or None; runs `python -m app.lifecycle.flag_check` in `env` (`check_environment`)."""
+async def check_engine_flags(env: Mapping[str, str], timeout_s: float = CHECK_TIMEOUT_S) -> Verdict | None:
+    """The full check's verdict, or None when it could not run; runs `python -m app.lifecycle.flag_check` in `env`
+    (`check_environment`)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app.lifecycle.flag_check",
         env=dict(env), stdin=asyncio.subprocess.DEVNULL,
@@ -314,7 +317,7 @@ async def check_engine_flags(env: Mapping[str, str], timeout_s: float = CHECK_TI
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         process.kill()
         await process.wait()
         log.warning("engine flag check timed out; the engine will check its flags itself", extra={"timeout_s": timeout_s})
@@ -331,7 +334,7 @@ async def check_engine_flags(env: Mapping[str, str], timeout_s: float = CHECK_TI
             extra={"exit_code": process.returncode, "last_lines": lines[-8:]},
         )
         return None
-    return json.loads(results[-1])["error"]
+    return Verdict(json.loads(results[-1])["error"])
 
 
 class _Refused(Exception):

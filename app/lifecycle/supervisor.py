@@ -36,17 +36,24 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
-from app.catalog import ModelCatalog
 from app.config import ConfigError, Settings, load_settings
 from app.lifecycle.compile_cache import with_compile_cache
 from app.lifecycle.engine_args import build_engine_args, build_engine_launch, engine_env, resolve_device
-from app.lifecycle.flag_check import EngineFacts, check_argv, check_engine_flags, check_environment, spot_refusal
+from app.lifecycle.flag_check import (
+    EngineFacts,
+    check_argv,
+    check_engine_flags,
+    check_environment,
+    installed_vllm_version,
+    spot_refusal,
+)
+from app.lifecycle.flag_verdicts import installed_plugins, kept_or_checked, verdict_key, verdict_path
 from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.memory_retry import Retry, describe, plan_retry
-from app.lifecycle.model_engines import ModelEngines
 from app.lifecycle.model_source import PreparedModel, prepare_model
 from app.lifecycle.processes import ChildProcess, describe_exit
 from app.lifecycle.startup_errors import StartupError, classify_engine_failure
@@ -62,6 +69,10 @@ from app.lifecycle.warmup import warm_up
 from app.media import detect_modalities
 from app.observability.logging import configure_logging, install_secret_redaction
 from app.observability.metrics import MULTIPROC_DIR_ENV, prepare_multiproc_dir
+
+if TYPE_CHECKING:  # imported where used: only MODELS needs them, and they cost the engine's start time
+    from app.catalog import ModelCatalog
+    from app.lifecycle.model_engines import ModelEngines
 
 log = logging.getLogger("app.lifecycle")
 # How often the engine's /health is asked while it loads: the delay between its first 200 and `ready`.
@@ -284,6 +295,8 @@ class Supervisor:
 
     async def _serve_models(self, catalog: ModelCatalog) -> int:
         """MODELS: no engine yet; each starts when a request names its model (`ModelEngines`)."""
+        from app.lifecycle.model_engines import ModelEngines
+
         facts = EngineFacts.load()
         refusals = [
             f"Model '{model.name}': {sentence}" for model in catalog
@@ -348,15 +361,24 @@ class Supervisor:
         return spot_refusal(check_argv(self.settings), self.settings, facts)
 
     async def _check_engine_flags(self) -> str | None:
-        """vLLM's own parser judges the engine's command line (in a child process, for seconds)."""
+        """vLLM's own parser judges the engine's command line (in a child process, for seconds), unless a
+        start with the same configuration already did (its verdict is kept on the volume)."""
         self.board.enter(Phase.PREFLIGHT)
         started = time.monotonic()
+        device = resolve_device(self.settings.DEVICE)
+        env = check_environment(engine_env(self.settings, device), os.environ)
+        version = installed_vllm_version() or "unknown"
+        key = await asyncio.to_thread(
+            lambda: verdict_key(version=version, plugins=installed_plugins(), device=device,
+                                argv=check_argv(self.settings), env=env)
+        )
         try:
-            engine = engine_env(self.settings, resolve_device(self.settings.DEVICE))
-            sentence = await check_engine_flags(check_environment(engine, os.environ))
+            verdict = await kept_or_checked(verdict_path(self.settings.cache_dir, key), version,
+                                            lambda: check_engine_flags(env))
         except OSError as error:  # the child could not be started: the engine judges its flags itself
             log.warning("engine flag check could not start", extra={"error": str(error)})
             return None
+        sentence = verdict.refusal if verdict is not None else None
         log.info("engine flags checked", extra={"seconds": round(time.monotonic() - started, 2), "refused": sentence is not None})
         return sentence
 
@@ -399,7 +421,7 @@ class Supervisor:
                 async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
                         return "ready"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             if deadline is not None and time.monotonic() > deadline:
                 return "timeout"

@@ -214,8 +214,8 @@ def test_the_spot_check_never_imports_vllm() -> None:
 
 def test_the_supervisor_gets_the_sentence_from_a_child_process() -> None:
     env = {**os.environ, "MODEL_NAME": "org/model", "TOOL_CALL_PARSER": "hermess"}
-    sentence = asyncio.run(check_engine_flags(env))
-    assert sentence is not None and "did you mean `hermes`?" in sentence
+    verdict = asyncio.run(check_engine_flags(env))
+    assert verdict is not None and verdict.refusal is not None and "did you mean `hermes`?" in verdict.refusal
 
 
 def test_a_check_that_cannot_run_is_skipped_and_logged(caplog: pytest.LogCaptureFixture) -> None:
