@@ -68,11 +68,10 @@ class Stack:
 
     def logs(self) -> list[dict[str, object]]:
         """Every JSON line the stack wrote so far (non-JSON lines fail the caller's checks)."""
-        lines = []
-        for raw in self.log_path.read_text(errors="replace").splitlines():
-            if raw.strip():
-                lines.append(json.loads(raw))
-        return lines
+        text = self.log_path.read_text(errors="replace")
+        # A last line without its newline is still being written: it is not a line yet.
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(raw) for raw in complete.splitlines() if raw.strip()]
 
     def raw_log(self) -> str:
         return self.log_path.read_text(errors="replace")

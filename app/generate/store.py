@@ -416,6 +416,21 @@ def _lock_waits_time_out() -> Iterator[None]:
         raise
 
 
+def _switch_to_wal(db: sqlite3.Connection, timeout_s: float) -> None:
+    """WAL mode; another process opening the same new file at once can make SQLite refuse
+    the switch at once, without its busy timeout, so it is retried until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_transaction(db: sqlite3.Connection, mode: Literal["DEFERRED", "IMMEDIATE"], work: Callable[[], T]) -> T:
     with _lock_waits_time_out():
         db.execute(f"BEGIN {mode}")
@@ -481,7 +496,7 @@ class SQLiteConversationStore(ConversationStore):
         db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
             with _lock_waits_time_out():
-                db.execute("PRAGMA journal_mode = WAL")
+                _switch_to_wal(db, self.timeout_s)
                 db.execute("PRAGMA foreign_keys = ON")
             _sqlite_transaction(db, "IMMEDIATE", lambda: self._create_schema(db))
         except BaseException:
