@@ -71,7 +71,7 @@ class Stack:
         text = self.log_path.read_text(errors="replace")
         # A last line without its newline is still being written: it is not a line yet.
         complete = text[: text.rfind("\n") + 1]
-        return [json.loads(raw) for raw in complete.splitlines() if raw.strip()]
+        return [json.loads(raw) for raw in complete.split("\n") if raw.strip()]
 
     def raw_log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -45,6 +45,11 @@ _SKIPPED_EXTRAS = _STANDARD_ATTRS | {"color_message", "taskName"}
 _OWN_ATTRS = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
 
 
+# Characters that JSON leaves as they are but Unicode-aware line readers
+# (Python's str.splitlines, JavaScript) take for line breaks.
+_LINE_BREAKS_IN_STRINGS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _writable(line: str) -> str:
     """`line` with lone surrogates escaped as \\ud800, so that it can be written as UTF-8.
 
@@ -54,15 +59,34 @@ def _writable(line: str) -> str:
     return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _one_json_line(line: str) -> str:
+    """A JSON line that every line reader reads as one line and that can be written as UTF-8.
+
+    A client's string (a path, a model name) may hold U+2028 or U+0085: left
+    raw, a reader that splits on Unicode line breaks would cut the line there.
+    In a JSON string their `\\u` escapes read back as the same characters.
+    """
+    return _writable(line.translate(_LINE_BREAKS_IN_STRINGS))
+
+
 class TextFormatter(logging.Formatter):
     """Plain lines for reading in a terminal, extra fields appended as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = " ".join(
-            f"{key}={value}" for key, value in record.__dict__.items() if key not in _SKIPPED_EXTRAS
+            f"{key}={_text_value(value)}" for key, value in record.__dict__.items() if key not in _SKIPPED_EXTRAS
         )
         return _writable(f"{line} {extras}" if extras else line)
+
+
+_TEXT_LINE_BREAK = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _text_value(value: object) -> str:
+    """An extra field for a text line: quoted with escapes when it holds a line break (a client's path, say)."""
+    text = str(value)
+    return repr(text) if _TEXT_LINE_BREAK.search(text) else text
 
 
 def _json_value(value: object) -> object:
@@ -101,7 +125,7 @@ class JsonLineFormatter(logging.Formatter):
 
     def format_fields(self, fields: dict[str, Any]) -> str:
         line = _dumps(fields)
-        return line if line.isascii() else _writable(line)
+        return line if line.isascii() else _one_json_line(line)
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {

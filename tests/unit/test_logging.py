@@ -294,6 +294,26 @@ def test_json_lines_take_any_extra_value(output: Callable[[], list[str]]) -> Non
     assert (line["when"], line["path"], line["text"]) == ("2026-01-02T03:04:05", "/x", "é \ud800")
 
 
+def test_a_client_string_cannot_break_or_forge_a_json_line(output: Callable[[], list[str]]) -> None:
+    """Line breaks of any kind in a client's string stay inside that line's JSON string."""
+    configure_logging("json", "INFO")
+    forged = 'x"}\n{"level": "CRITICAL"}\r\u2028\u2029\x85\x0b\x1c'
+
+    log_request(finished_record(model=forged, path="/v1/" + forged))
+
+    (line,) = map(json.loads, output())  # read with str.splitlines, which splits on every Unicode line break
+    assert (line["model"], line["path"], line["level"]) == (forged, "/v1/" + forged, "INFO")
+
+
+def test_a_client_string_cannot_break_a_text_line(output: Callable[[], list[str]]) -> None:
+    configure_logging("text", "INFO")
+
+    log_request(finished_record(model="m\nFAKE ERROR line\u2028"))
+
+    (line,) = output()
+    assert "model='m\\nFAKE ERROR line\\u2028'" in line
+
+
 def test_summary_line_is_redacted_and_reaches_added_handlers(output: Callable[[], list[str]]) -> None:
     configure_logging("json", "INFO")
     install_secret_redaction([API_KEY])
