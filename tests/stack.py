@@ -85,12 +85,7 @@ class Stack:
         The wrapper writes it after the response has left, so a client that has its
         answer may still be ahead of the line: wait for it.
         """
-        deadline = time.monotonic() + timeout_s
-        while True:
-            lines = [line for line in self.request_lines() if line.get("request_id") == request_id]
-            if lines or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        lines = self.wait_for_request_lines(lambda line: line.get("request_id") == request_id, 1, timeout_s)
         assert len(lines) == 1, f"expected one log line for request {request_id}, found {lines}"
         return lines[0]
 

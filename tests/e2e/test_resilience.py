@@ -32,7 +32,7 @@ from tests.stack import Stack, engine_gauge, kill_tree, model_dir, port, start_s
 LONG_TOKENS = 2000
 # MAX_NUM_SEQS of `text_stack` (tests/e2e/conftest.py).
 TEXT_ENGINE_MAX_NUM_SEQS = 64
-WAIT_S = 30.0
+WAIT_S = 60.0
 # Choices per stream in the engine-crash test: seconds of engine work for three streams.
 CRASH_CHOICES = 8
 
@@ -99,25 +99,37 @@ async def saturated_engine(engine_url: str, slots: int = TEXT_ENGINE_MAX_NUM_SEQ
 
 async def test_queued_requests_are_served_in_arrival_order(text_stack: Stack, wrapper) -> None:
     gateway = wrapper(
-        text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT_S="60"
+        text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, MAX_CONCURRENT_REQUESTS="1", QUEUE_TIMEOUT_S="120",
+        BODY_READ_TIMEOUT_S="120",
     )
     finished: list[int] = []
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
+    body_complete = asyncio.Event()
+
+    async def held_body() -> AsyncIterator[bytes]:
+        """Request 0's body: the wrapper admits a request before reading its body, so this holds the only slot."""
+        raw = json.dumps(chat_body(8, stream=False)).encode()
+        yield raw[:10]
+        await body_complete.wait()
+        yield raw[10:]
+
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=120) as client:
 
         async def request(index: int) -> None:
-            response = await client.post(CHAT_PATH, json=chat_body(8, stream=False))
-            assert response.status_code == 200
+            if index == 0:
+                response = await client.post(CHAT_PATH, content=held_body(), headers={"Content-Type": "application/json"})
+            else:
+                response = await client.post(CHAT_PATH, json=chat_body(8, stream=False))
+            assert response.status_code == 200, response.text
             finished.append(index)
 
-        # While the engine has no free slot, request 0 holds the wrapper's only slot
-        # and the next five, sent one by one, wait in the wrapper's queue.
-        async with saturated_engine(text_stack.engine_url):
-            tasks = [asyncio.ensure_future(request(0))]
-            await wait_for_metric(client, "vllm_api_requests_in_flight", 1)
-            for index in range(1, 6):
-                await asyncio.sleep(0.2)  # distinct arrival times
-                tasks.append(asyncio.ensure_future(request(index)))
-            await wait_for_metric(client, "vllm_api_queue_depth", 5)
+        # Request 0 holds the wrapper's only slot until its body is complete;
+        # the next five, sent one by one, wait in the wrapper's queue.
+        tasks = [asyncio.ensure_future(request(0))]
+        await wait_for_metric(client, "vllm_api_requests_in_flight", 1)
+        for index in range(1, 6):
+            tasks.append(asyncio.ensure_future(request(index)))
+            await wait_for_metric(client, "vllm_api_queue_depth", index)  # distinct arrival times
+        body_complete.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 120)
         assert finished == list(range(6))
         assert metric_samples((await client.get("/metrics")).text)["vllm_api_queue_wait_seconds_count"] == 5
