@@ -43,6 +43,8 @@ from app.routes import Route, canonical_path
 Scope = dict[str, Any]
 
 MODELS_PATH = "/v1/models"
+# How vLLM begins a stream that it ends at once with an error.
+ERROR_EVENT = b'data: {"error"'
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 HOP_BY_HOP = frozenset(
     {
@@ -139,9 +141,7 @@ class Relay:
             record.status = response.status
             headers = _response_headers(response, engine_url)
             if response.content_type == "text/event-stream":
-                if not reply.started:  # a stream that waited for its model began with keep-alives
-                    await reply.start(response.status, headers)
-                await self._relay_stream(reply, response, record, strip_usage)
+                await self._relay_stream(reply, response, headers, record, strip_usage)
                 return
             payload = answer = await response.read()
             if reply.started:
@@ -163,13 +163,35 @@ class Relay:
             record.prompt_tokens, record.completion_tokens = read_json_usage(payload)
 
     async def _relay_stream(
-        self, reply: Reply, response: UpstreamResponse, record: RequestRecord, strip_usage: bool
+        self,
+        reply: Reply,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        record: RequestRecord,
+        strip_usage: bool,
     ) -> None:
+        """Relay an event stream; one whose first event is the engine's refusal is answered as that error.
+
+        The response begins with the first event (or with a keep-alive, when the
+        engine is silent that long; a stream that waited for its model began with
+        keep-alives already), so a request the engine refuses only after it began
+        its stream (vLLM 0.32: an empty completions prompt) still gets its 4xx.
+        """
         content = response.content
         usage = UsageFilter(strip=strip_usage)
         chunk = content.read_nowait()
         if not chunk and not content.at_eof():
-            chunk = await reply.first_chunk(content.readany(), self._keepalive_s)
+            chunk = await reply.first_chunk(content.readany(), self._keepalive_s, start=(response.status, headers))
+        if not reply.started:
+            while chunk.startswith(ERROR_EVENT) and b"\n\n" not in chunk and not content.at_eof():
+                chunk += await content.readany()
+            refusal = _refusal(chunk)
+            if refusal is not None:
+                record.status, answer = refusal
+                record.error_cause = "engine_error" if record.status >= 500 else "client_error"
+                await _send_json(reply, answer, record.status)
+                return
+            await reply.start(response.status, headers)
         record.first_token_at = time.perf_counter()
         send = reply.send
         while chunk:
@@ -200,9 +222,25 @@ def _response_headers(response: UpstreamResponse, engine_url: str) -> list[tuple
     return headers
 
 
-async def _send_json(reply: Reply, payload: bytes) -> None:
-    await reply.start(200, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())])
+async def _send_json(reply: Reply, payload: bytes, status: int = 200) -> None:
+    await reply.start(status, [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())])
     await reply.finish(payload)
+
+
+def _refusal(chunk: bytes) -> tuple[int, bytes] | None:
+    """(status, OpenAI error body) when the stream's first event is an error, else None."""
+    if not chunk.startswith(ERROR_EVENT):
+        return None
+    event = chunk[len(b"data: "):].split(b"\n\n", 1)[0]
+    try:
+        error = json.loads(event)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+    return status, openai_error_body(status, event) or event
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

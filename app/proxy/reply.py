@@ -103,14 +103,22 @@ class Reply:
         self.completed = True
         await send_error(self.send, error)
 
-    async def first_chunk(self, read: Awaitable[bytes], keepalive_s: float) -> bytes:
-        """Await the first bytes of a stream, sending keep-alive comments while the engine is silent."""
+    async def first_chunk(
+        self, read: Awaitable[bytes], keepalive_s: float, start: tuple[int, list[tuple[bytes, bytes]]] | None = None
+    ) -> bytes:
+        """Await the first bytes of a stream, sending keep-alive comments while the engine is silent.
+
+        `start` is the status and headers to begin a response not yet begun with,
+        should a keep-alive have to go out first.
+        """
         first = asyncio.ensure_future(read)
         try:
             while True:
                 done, _ = await asyncio.wait((first,), timeout=keepalive_s)
                 if done:
                     return first.result()
+                if not self.started and start is not None:
+                    await self.start(*start)
                 await self.chunk(KEEPALIVE)
         finally:
             if not first.done():

@@ -59,6 +59,15 @@ def test_prompt_over_max_model_len_is_a_400_from_the_engine(text_stack: Stack) -
     assert httpx.get(f"{text_stack.base_url}/health").status_code == 200
 
 
+def test_a_stream_the_engine_refuses_at_once_is_a_4xx_not_a_200(text_stack: Stack) -> None:
+    """vLLM 0.32 begins a stream for an empty completions prompt, then ends it with an error event."""
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(text_stack).completions.create(model=TEXT_MODEL, prompt=[""], max_tokens=4, stream=True)
+    assert raised.value.status_code == 400 and "empty" in raised.value.message
+    streamed = client(text_stack).completions.create(model=TEXT_MODEL, prompt="Hi", max_tokens=4, stream=True)
+    assert sum(1 for chunk in streamed if chunk.choices) == 4
+
+
 def test_engine_errors_in_fastapi_shape_reach_the_client_openai_shaped(text_stack: Stack) -> None:
     # The engine answers these two with FastAPI's {"detail": ...}: a route it does not
     # have, and a body nested beyond its parser's depth but within the wrapper's.
