@@ -95,7 +95,7 @@ class Readiness:
             timeout = aiohttp.ClientTimeout(total=ENGINE_CHECK_TIMEOUT_S)
             async with self._session.get(f"{self.engine_url}/health", timeout=timeout) as response:
                 return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     def mark_engine_failed(self) -> None:

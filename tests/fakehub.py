@@ -36,11 +36,11 @@ from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 from urllib.parse import unquote, urlsplit
 
 import pytest
 from huggingface_hub import constants
-from typing_extensions import Self
 
 LFS_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf"}
 BLOCK = 256 * 1024

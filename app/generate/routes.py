@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from app.config import Settings
 from app.errors import APIError
+from app.frontdoor import CALLER_STATE
 from app.generate.engine import ChatMessage, ChatStream, chat_stream, count_prompt_tokens
 from app.generate.history import FittedPrompt, fit_history
 from app.generate.json_reply import parse_json_reply
@@ -41,7 +42,6 @@ from app.generate.schemas import (
     ModelInfo,
     TurnOut,
 )
-from app.frontdoor import CALLER_STATE
 from app.generate.store import Conversation, ConversationStore, ConversationStoreError, owner_of
 from app.observability.record import RequestRecord
 from app.proxy.engine import EngineClient

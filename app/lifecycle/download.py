@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import httpx2
 from huggingface_hub import get_cached_repo_tree, hf_hub_url, snapshot_download
@@ -40,7 +41,6 @@ from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, 
 from huggingface_hub.file_download import REGEX_COMMIT_HASH, http_get, repo_folder_name
 from huggingface_hub.utils import WeakFileLock, build_hf_headers, disable_progress_bars, filter_repo_objects
 from huggingface_hub.utils.sha import sha_fileobj
-from typing_extensions import Self
 
 from app.lifecycle.preflight import HubRepo, RemoteFile, RepoListing, describe_hub_error
 from app.lifecycle.startup_errors import StartupError

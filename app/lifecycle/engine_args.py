@@ -20,7 +20,6 @@ from pathlib import Path
 
 from app.config import ConfigError, Settings
 
-
 # The only host the engine may fetch media from: a reserved name (RFC 2606) that never
 # resolves, so the engine fetches nothing. Split layouts (compose, Kubernetes) pass it too.
 ENGINE_MEDIA_DOMAIN = "media-fetch.invalid"

@@ -375,14 +375,14 @@ def refusal(
         )
     try:
         validate_chat_template(args.chat_template)
-    except Exception:  # FileNotFoundError or vLLM's validation error
+    except Exception:  # noqa: BLE001 - FileNotFoundError or vLLM's validation error
         return (
             f"{sentences.subject('--chat-template', args.chat_template)} is neither a file that exists nor a "
             "Jinja template: give the path of a mounted file, or the template text itself."
         )
     try:
         validate_parsed_serve_args(args)
-    except Exception as error:  # vLLM raises TypeError, ValueError and its own validation errors
+    except Exception as error:  # noqa: BLE001 - vLLM raises TypeError, ValueError and its own validation errors
         message = str(error).removeprefix("Error: ").rstrip(".")
         annotated = re.sub(
             r"--[a-z0-9-]+",

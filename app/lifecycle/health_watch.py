@@ -47,5 +47,5 @@ async def _answers(session: aiohttp.ClientSession, url: str, timeout_s: float) -
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
             return response.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return False

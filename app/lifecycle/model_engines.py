@@ -283,7 +283,7 @@ class ModelEngines:
                 async with self._session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
                     if response.status == 200:
                         return "ready"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             if time.monotonic() > deadline:
                 return "timeout"
@@ -306,7 +306,7 @@ async def _prepare_in_thread(
     def work() -> None:
         try:
             future.set_result(prepare_model(model.settings, on_phase, on_progress, model_setting="MODELS"))
-        except BaseException as error:  # handed to the event loop below
+        except BaseException as error:  # noqa: BLE001 - handed to the event loop below
             future.set_exception(error)
 
     threading.Thread(target=work, name=f"model-download {model.name}", daemon=True).start()

@@ -117,7 +117,7 @@ class ChildProcess:
             self.signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("process did not stop in time; killing it", extra={"child": self.name, "timeout_s": timeout_s})
         return await self.kill()
 

@@ -400,7 +400,7 @@ class Supervisor:
         def work() -> None:
             try:
                 future.set_result(prepare_model(self.settings, self.board.enter, self.board.progress, before_download))
-            except BaseException as error:  # handed to the event loop below
+            except BaseException as error:  # noqa: BLE001 - handed to the event loop below
                 future.set_exception(error)
 
         threading.Thread(target=work, name="model-download", daemon=True).start()

@@ -19,7 +19,6 @@ real problem.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import logging
@@ -106,7 +105,7 @@ async def _send(
             ok = response.status == 200
             if not ok:
                 result.failed.append(f"{name}: HTTP {response.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         result.failed.append(f"{name}: {type(exc).__name__}")
         ok = False
     if ok:

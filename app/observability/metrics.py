@@ -351,7 +351,7 @@ async def fetch_engine_metrics(
                 logger.debug("engine /metrics answered %s %s", response.status, response.content_type)
                 return None
             body = await response.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         logger.debug("engine /metrics unavailable: %r", exc)
         return None
     return body if body.endswith(b"\n") else body + b"\n"

@@ -159,7 +159,7 @@ class EngineClient:
                 facts["max_model_len"] = models[0].get("max_model_len")
             async with self.session.get(f"{url}/version", timeout=timeout) as response:
                 facts["version"] = (await response.json()).get("version")
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError):
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
             return facts
         self._facts[url] = facts
         return facts

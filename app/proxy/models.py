@@ -62,7 +62,7 @@ class ModelRouter:
     socket_path: str
     wait_timeout_s: float
     # Every model's state as the supervisor publishes it (the status file's `models`).
-    states: Callable[[], Mapping[str, Mapping[str, object]]] = lambda: {}
+    states: Callable[[], Mapping[str, Mapping[str, object]]] = dict
     _created: int = field(default_factory=lambda: int(time.time()))
     _leases: dict[str, _Lease] = field(default_factory=dict)
     _releases: set[asyncio.Task[None]] = field(default_factory=set)
@@ -156,7 +156,7 @@ class ModelRouter:
                 log.warning("could not give a model lease back", extra={"model": model})
                 return {}
             raise unavailable("Models are not ready yet; retry shortly.", code="not_ready") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise unavailable(
                 f"The model '{model}' did not load within REQUEST_TIMEOUT_S={self.wait_timeout_s:g}s; retry later.",
                 code="model_loading",

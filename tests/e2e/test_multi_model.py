@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.stack import SMOLLM2_ENV, Stack, kill_tree, model_dir, port, start_stack
@@ -64,7 +65,7 @@ def engines_running(stack: Stack) -> int:
         try:
             if ENGINE_MODULE in " ".join(process.cmdline()):
                 count += 1
-        except Exception:  # the process ended while being read
+        except psutil.Error:  # the process ended while being read
             continue
     return count
 

@@ -59,5 +59,5 @@ def test_sigterm_stops_every_process_and_exits_0(smol_stack: Stack) -> None:
     assert len(processes) >= 3, "expected supervisor, wrapper and engine processes"
     code = smol_stack.stop(signal.SIGTERM, timeout_s=60)
     assert code == 0
-    gone, alive = psutil.wait_procs(processes, timeout=5)
+    _, alive = psutil.wait_procs(processes, timeout=5)
     assert not alive, [p.pid for p in alive]

@@ -15,7 +15,6 @@ import httpx
 from tests.e2e.conftest import TEXT_MODEL
 from tests.stack import Stack, engine_gauge
 
-
 LONG = 1900
 
 

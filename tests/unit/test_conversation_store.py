@@ -32,8 +32,8 @@ from app.generate.store import (
     PostgresConversationStore,
     SQLiteConversationStore,
     build_store,
-    sqlite_path,
     owner_of,
+    sqlite_path,
 )
 from tests.postgres_server import PostgresServer, free_port, running_postgres
 

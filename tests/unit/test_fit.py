@@ -19,7 +19,7 @@ import pytest
 
 from app.config import Settings, load_settings
 from app.lifecycle import fit
-from app.lifecycle.fit import GiB, Budget, check, footprint, weight_files
+from app.lifecycle.fit import Budget, GiB, check, footprint, weight_files
 from app.lifecycle.model_source import prepare_model
 from app.lifecycle.startup_errors import StartupError
 from app.lifecycle.status import Phase

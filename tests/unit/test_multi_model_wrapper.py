@@ -28,8 +28,8 @@ from app.config import load_settings
 from app.lifecycle.engine_pool import LoadFailed
 from app.lifecycle.model_engines import ModelEngine, ModelEngines
 from app.lifecycle.status import Phase, StartupStatus, write_status
-from tests.fake_engine import FakeEngine
 from app.routes import build_route_table
+from tests.fake_engine import FakeEngine
 from tests.inprocess import Wrapper, running_models_wrapper, running_wrapper
 
 MODELS = "a=org/a,b=org/b"

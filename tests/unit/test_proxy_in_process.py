@@ -8,7 +8,6 @@ benchmark's fake engine), because the properties concern the proxy alone.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections import Counter
 from collections.abc import AsyncIterator
