@@ -306,11 +306,13 @@ def check_environment(engine_env: Mapping[str, str], source: Mapping[str, str]) 
     return {**engine_env, **{key: value for key, value in source.items() if key.upper() in names}}
 
 
-async def check_engine_flags(env: Mapping[str, str], timeout_s: float = CHECK_TIMEOUT_S) -> Verdict | None:
+async def check_engine_flags(
+    env: Mapping[str, str], timeout_s: float = CHECK_TIMEOUT_S, model: str | None = None
+) -> Verdict | None:
     """The full check's verdict, or None when it could not run; runs `python -m app.lifecycle.flag_check` in `env`
-    (`check_environment`)."""
+    (`check_environment`). With MODELS, `model` names the model whose command line is judged."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.lifecycle.flag_check",
+        sys.executable, "-m", "app.lifecycle.flag_check", *([model] if model is not None else []),
         env=dict(env), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         preexec_fn=die_with_parent,
@@ -433,8 +435,17 @@ def check_argv(settings: Settings) -> list[str]:
     return build_engine_args(settings, settings.MODEL_NAME, ALL_MODALITIES, lora_paths)
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m app.lifecycle.flag_check [MODEL]`: the verdict on the engine command line of the settings
+    in the environment, or with MODELS, of the model served under the name MODEL."""
+    names = sys.argv[1:] if argv is None else list(argv)
     settings = load_settings()
+    if names:
+        model = settings.catalog.get(names[0]) if settings.catalog is not None else None
+        if model is None:
+            print(f"MODELS lists no model named {names[0]!r}", file=sys.stderr)
+            return 2
+        settings = model.settings
     print(RESULT_PREFIX + json.dumps({"error": refusal(check_argv(settings), settings, engine_parser())}), flush=True)
     return 0
 

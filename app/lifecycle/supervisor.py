@@ -304,6 +304,12 @@ class Supervisor:
         ]
         if refusals:
             return await self._startup_failed(" ".join(refusals))
+        # The full check, model by model, before any download (its verdicts are kept on the volume).
+        for model in catalog:
+            if (sentence := await self._check_engine_flags(model.settings, model.name)) is not None:
+                refusals.append(f"Model '{model.name}': {sentence}")
+        if refusals:
+            return await self._startup_failed(" ".join(refusals))
         assert self.session is not None
         self.model_engines = ModelEngines(
             catalog, self.session, max_loaded=self.settings.MAX_LOADED_MODELS,
@@ -360,26 +366,31 @@ class Supervisor:
             return None
         return spot_refusal(check_argv(self.settings), self.settings, facts)
 
-    async def _check_engine_flags(self) -> str | None:
+    async def _check_engine_flags(self, settings: Settings | None = None, model: str | None = None) -> str | None:
         """vLLM's own parser judges the engine's command line (in a child process, for seconds), unless a
-        start with the same configuration already did (its verdict is kept on the volume)."""
+        start with the same configuration already did (its verdict is kept on the volume).
+
+        With MODELS, `settings` and `model` are one model's (`CatalogModel.settings`, its served name).
+        """
+        settings = settings or self.settings
         self.board.enter(Phase.PREFLIGHT)
         started = time.monotonic()
-        device = resolve_device(self.settings.DEVICE)
-        env = check_environment(engine_env(self.settings, device), os.environ)
+        device = resolve_device(settings.DEVICE)
+        env = check_environment(engine_env(settings, device), os.environ)
         version = installed_vllm_version() or "unknown"
         key = await asyncio.to_thread(
             lambda: verdict_key(version=version, plugins=installed_plugins(), device=device,
-                                argv=check_argv(self.settings), env=env)
+                                argv=check_argv(settings), env=env)
         )
         try:
-            verdict = await kept_or_checked(verdict_path(self.settings.cache_dir, key), version,
-                                            lambda: check_engine_flags(env))
+            verdict = await kept_or_checked(verdict_path(settings.cache_dir, key), version,
+                                            lambda: check_engine_flags(env, model=model))
         except OSError as error:  # the child could not be started: the engine judges its flags itself
             log.warning("engine flag check could not start", extra={"error": str(error)})
             return None
         sentence = verdict.refusal if verdict is not None else None
-        log.info("engine flags checked", extra={"seconds": round(time.monotonic() - started, 2), "refused": sentence is not None})
+        log.info("engine flags checked", extra={"seconds": round(time.monotonic() - started, 2),
+                                                "refused": sentence is not None, **({"model": model} if model else {})})
         return sentence
 
     async def _flag_verdict(self) -> str | None:

@@ -137,3 +137,24 @@ def test_a_wrong_setting_stops_a_local_model_that_started_loading(stacks: list[S
     assert any(line["message"] == "starting engine" for line in stack.logs())  # it did start loading
     assert no_engine_runs(stack)
     assert stack.stop(signal.SIGTERM, timeout_s=60) == 0
+
+
+def test_with_models_each_model_is_checked_before_any_hub_request(
+    hub: FakeHub, stacks: list[Stack], tmp_path: Path
+) -> None:
+    """MODELS: the full check judges every model's own command line before the downloads."""
+    config = tmp_path / "models.json"
+    config.write_text('{"other": {"VLLM_EXTRA_ARGS": "--max-num-seqs lots"}}')
+    stack = start_from_hub(hub, tmp_path, {"MODELS": f"chat={MODEL},other={MODEL}", "MODELS_CONFIG": str(config)})
+    stacks.append(stack)
+
+    health = wait_for_failed_phase(stack)
+
+    sentence = str(health["error"])
+    assert sentence.startswith("Model 'other': VLLM_EXTRA_ARGS: --max-num-seqs 'lots'"), sentence
+    assert "invalid int value" in sentence and "'chat'" not in sentence, sentence
+    assert hub.total_requests == 0, hub.requests
+    assert no_engine_runs(stack)
+    checked = [line.get("model") for line in stack.logs() if line["message"] == "engine flags checked"]
+    assert checked == ["chat", "other"], checked
+    assert stack.stop(signal.SIGTERM, timeout_s=60) == 0
