@@ -139,6 +139,8 @@ def _operations_router(services: Services) -> APIRouter:
 
     @router.get("/info")
     async def info() -> JSONResponse:
+        if services.models is not None:
+            return JSONResponse({**await _models_info(services), "uptime_s": round(time.time() - started_at, 3)})
         status = readiness.lifecycle()
         engine = await services.engine.facts()
         modalities = sorted(services.media.modalities())
@@ -166,3 +168,37 @@ def _operations_router(services: Services) -> APIRouter:
         })
 
     return router
+
+
+async def _models_info(services: Services) -> dict[str, Any]:
+    """/info of a deployment of several models (MODELS): the deployment's facts, then each model's."""
+    settings = services.settings
+    assert settings.catalog is not None and services.models is not None
+    status = services.readiness.lifecycle()
+    states = services.models.states()
+    deployment = settings.redacted()
+    models: dict[str, Any] = {}
+    for model in settings.catalog:
+        state = states.get(model.name, {})
+        loaded = state.get("state") == "loaded" and state.get("url")
+        engine = await services.engine.facts(str(state["url"])) if loaded else {}
+        models[model.name] = {
+            "model": model.source,
+            "state": str(state.get("state", "unloaded")),
+            "error": state.get("error"),
+            "max_model_len": engine.get("max_model_len"),
+            "engine_version": engine.get("version"),
+            "media_limits": {"image": model.settings.IMAGE_LIMIT, "video": model.settings.VIDEO_LIMIT},
+            # The settings in which this model's engine differs from the deployment's.
+            "config": {name: value for name, value in model.settings.redacted().items() if value != deployment[name]},
+        }
+    return {
+        "models": models,
+        "max_loaded_models": settings.MAX_LOADED_MODELS,
+        "versions": {"wrapper": __version__},
+        "device": gpu_info() or {"type": "cpu"},
+        "config": deployment,
+        "startup": status.to_json()["phase_seconds"] if status else None,
+        "phase": status.phase.value if status else Phase.READY.value,
+        "error": status.error if status else None,
+    }

@@ -426,3 +426,20 @@ async def test_admin_model_routes_say_they_need_models() -> None:
     finally:
         await engine.stop()
     assert response.status_code == 404 and "MODELS" in response.json()["error"]["message"]
+
+
+async def test_info_describes_each_model_and_what_sets_it_apart(tmp_path: Path) -> None:
+    config = tmp_path / "models.yaml"
+    config.write_text("b:\n  IMAGE_LIMIT: 0\n")
+    async with serving(tmp_path, MODELS_CONFIG=str(config), IMAGE_LIMIT="1", API_KEY="sk-info") as deployment:
+        async with deployment.wrapper.client(headers={"Authorization": "Bearer sk-info"}) as client:
+            assert (await client.post("/v1/chat/completions", json=chat_body("b"))).status_code == 200
+            info = (await client.get("/info")).json()
+            anonymous = await client.get("/info", headers={"Authorization": ""})
+
+    a, b = info["models"]["a"], info["models"]["b"]
+    assert (a["model"], a["state"], a["max_model_len"], a["media_limits"]) == ("org/a", "unloaded", None, {"image": 1, "video": 1})
+    assert (b["model"], b["state"], b["max_model_len"], b["media_limits"]) == ("org/b", "loaded", 2048, {"image": 0, "video": 1})
+    assert b["config"]["IMAGE_LIMIT"] == 0 and b["config"]["SERVED_MODEL_NAME"] == "b" and "IMAGE_LIMIT" not in a["config"]
+    assert info["config"]["API_KEY"] == "**********" and "sk-info" not in json.dumps(info)
+    assert anonymous.status_code == 401
