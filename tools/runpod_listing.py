@@ -153,20 +153,23 @@ FORM: dict[str, FormInput] = {
     "CONVERSATIONS_TTL_S": FormInput("Conversation lifetime (s)"),
     "LOG_FORMAT": FormInput("Log format"),
     "LOG_LEVEL": FormInput("Log level"),
+    "MODELS": FormInput(
+        "Several models (instead of Model)",
+        note="Size the container disk or the network volume for all of them.",
+    ),
+    "MODELS_CONFIG": FormInput(
+        "Per-model settings file", note="Put the file on the network volume, e.g. /runpod-volume/models.yaml."
+    ),
+    "MAX_LOADED_MODELS": FormInput("Models loaded at once"),
+    "MODEL_IDLE_TTL_S": FormInput("Unload an idle model after (s)"),
+    "MODELS_DOWNLOAD": FormInput("When to download the models"),
+    "MODEL_SLEEP": FormInput("Park swapped-out models in host memory"),
+    "SLEEP_HOST_MEMORY_GB": FormInput("Host memory for parked models (GiB)"),
 }
 
 # Settings the form leaves out on purpose; every setting is in FORM or here.
 OFF_FORM = frozenset(
     {
-        # Several models per worker (issue 15): first slice, not offered on the Hub form yet;
-        # MODELS_CONFIG needs a file in the image or on the volume.
-        "MODELS",
-        "MODELS_CONFIG",
-        "MAX_LOADED_MODELS",
-        "MODEL_IDLE_TTL_S",
-        "MODELS_DOWNLOAD",
-        "MODEL_SLEEP",
-        "SLEEP_HOST_MEMORY_GB",
         # Set by the platform or the listing itself.
         "PORT",
         "PORT_HEALTH",
