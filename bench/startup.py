@@ -37,6 +37,14 @@ Scenarios, each in one run on the same model and flags:
   ten says whether the first user request pays for lazy initialisation (1.0:
   it does not). Each request has its own image, none the warm-up's, so that
   vLLM's cache of processed images cannot make any of them cheaper.
+- `swap`: `scripts/start.sh` with `MODELS=a=<snapshot>,b=<snapshot>` (the warm
+  cache's tiny-llama under two names, so two engines) and
+  `MAX_LOADED_MODELS=1`. After `/ping` 200, one streamed request each for a,
+  b, then a again: the time to the first token of each is the first load,
+  a swap (a's engine stopped, b's started) and a swap back.
+
+`swap` against `warm` says what a swap costs next to a single model's
+start: a swap's first token over a warm start's first token from the spawn.
 
 `warm` against `bare` is the supervisor's overhead: the difference and the
 ratio of their medians, to `ready` and to the first token (`bare` pays its
@@ -52,7 +60,7 @@ Ports: 8600-8699. The scenarios run by default are all but `baked`. Output: a Ma
 bench/results/startup.md, every start in bench/results/startup.json.
 
 Run: `python -m bench.startup [--repeats N]
-[--scenarios bare,warm,no-engine-cache,cold,precached,vlm-warmup,vlm-no-warmup] [--baked IMAGE]`.
+[--scenarios bare,warm,no-engine-cache,cold,precached,vlm-warmup,vlm-no-warmup,swap] [--baked IMAGE]`.
 """
 
 from __future__ import annotations
@@ -91,7 +99,8 @@ MODEL_ID = "org/tiny-llama"
 VLM_DIR = REPO / ".models" / "tiny-qwen2-vl"
 PORTS = {"bare": (8600, 8600), "warm": (8610, 8611), "no-engine-cache": (8650, 8651), "cold": (8620, 8621),
          "precached": (8630, 8631), "vlm-warmup": (8660, 8661), "vlm-no-warmup": (8670, 8671),
-         "baked": (8640, 8640)}
+         "swap": (8680, 8681), "baked": (8640, 8640)}
+SWAP_ORDER = ("a", "b", "a")  # the swap scenario's requests: first load, swap, swap back
 WARMUP_OF = {"vlm-warmup": "true", "vlm-no-warmup": "false"}  # the WARMUP setting of each VLM scenario
 FOLLOWING_REQUESTS = 10  # the first image request after ready is compared with this many after it
 # The test stacks' engine settings (tests/stack.py): eager, a 1 GiB KV cache, two threads.
@@ -115,6 +124,7 @@ class Start:
     phases: dict[str, float] = field(default_factory=dict)
     engine_spawn_s: float | None = None  # supervisor: from the spawn to the engine's spawn
     image_requests_s: list[float] = field(default_factory=list)  # VLM: latencies after ready, in order
+    swap_ttft_s: list[float] = field(default_factory=list)  # swap: first token of each SWAP_ORDER request
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
     error: str | None = None
 
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--scenarios", default="bare,warm,no-engine-cache,cold,precached,vlm-warmup,vlm-no-warmup",
+    parser.add_argument("--scenarios", default="bare,warm,no-engine-cache,cold,precached,vlm-warmup,vlm-no-warmup,swap",
                         help="comma-separated, run in this order in each repeat")
     parser.add_argument("--baked", metavar="IMAGE", help="also time `docker run` of this baked image")
     args = parser.parse_args(argv)
@@ -199,6 +209,8 @@ class Bench:
                 self._baked(start, log)
             elif scenario in WARMUP_OF:
                 self._vlm(start, log)
+            elif scenario == "swap":
+                self._swap(start, log)
             else:
                 self._wrapper(start, log)
         except (TimeoutError, RuntimeError, httpx.HTTPError, OSError) as error:
@@ -260,6 +272,20 @@ class Bench:
                     client.post("/v1/chat/completions", json=image_request(served, index)).raise_for_status()
                     start.image_requests_s.append(time.monotonic() - sent)
                 start.phases = client.get("/health").json()["phase_seconds"]
+
+    def _swap(self, start: Start, log: Path) -> None:
+        port, vllm_port = PORTS["swap"]
+        env = {**os.environ, **ENGINE_ENV, "MODEL_NAME": "unused-with-MODELS",
+               "MODELS": f"a={self.snapshot},b={self.snapshot}", "MAX_LOADED_MODELS": "1",
+               "PORT": str(port), "VLLM_PORT": str(vllm_port), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "",
+               "HF_HOME": str(self.warm_home), "CACHE_VOLUMES": str(self.work / "no-volume"),
+               "PYTHON": sys.executable}
+        with Process(["bash", str(REPO / "scripts" / "start.sh")], env, log) as process:
+            url = f"http://127.0.0.1:{port}"
+            start.first_answer_s = wait_for(process, url + "/ping", {200, 204}.__contains__)
+            start.ready_s = wait_for(process, url + "/ping", (200).__eq__)
+            for model in SWAP_ORDER:
+                start.swap_ttft_s.append(time_to_first_token(url, model))
 
     def _baked(self, start: Start, log: Path) -> None:
         port, _ = PORTS["baked"]
@@ -332,15 +358,25 @@ def wait_for(process: Process, url: str, accept: object) -> float:
 
 
 def first_token(start: Start, url: str, model: str, process: Process) -> None:
+    sent = process.elapsed()
+    start.first_request_ttft_s = time_to_first_token(url, model)
+    start.first_token_s = sent + start.first_request_ttft_s
+
+
+def time_to_first_token(url: str, model: str) -> float:
+    """Seconds from sending a streamed chat request to its first content chunk; the stream is read to its end."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8,
             "stream": True}
     sent = time.monotonic()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+    ttft: float | None = None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=READY_TIMEOUT_S) as response:
         response.raise_for_status()
         for line in response.iter_lines():  # read to the end: the request completes
-            if start.first_token_s is None and line.startswith("data: {") and '"content"' in line:
-                start.first_request_ttft_s = time.monotonic() - sent
-                start.first_token_s = process.elapsed()
+            if ttft is None and line.startswith("data: {") and '"content"' in line:
+                ttft = time.monotonic() - sent
+    if ttft is None:
+        raise RuntimeError(f"no content from {model}")
+    return ttft
 
 
 def seconds_to_log_line(log: Path, message: str, spawned_wall: float) -> float | None:
@@ -385,8 +421,12 @@ def place_like_runpod(snapshot: Path, hub_cache: Path) -> None:
 def describe(start: Start) -> str:
     if start.error:
         return f"error: {start.error}"
-    first = (f"first image request {fmt(first_request_ratio(start.image_requests_s))}× the next"
-             if start.image_requests_s else f"first token {fmt(start.first_token_s)} s")
+    if start.image_requests_s:
+        first = f"first image request {fmt(first_request_ratio(start.image_requests_s))}× the next"
+    elif start.swap_ttft_s:
+        first = "first tokens " + ", ".join(f"{model} {fmt(s)} s" for model, s in zip(SWAP_ORDER, start.swap_ttft_s))
+    else:
+        first = f"first token {fmt(start.first_token_s)} s"
     return f"204 {fmt(start.first_answer_s)} s, 200 {fmt(start.ready_s)} s, {first} (load {start.load_average[0]:.1f})"
 
 
@@ -430,7 +470,7 @@ def report(starts: list[Start], args: argparse.Namespace) -> str:
             f"{fmt(median([s.first_request_ttft_s for s in group]), 3)} | "
             + " | ".join(fmt(phases[key], 2) for key in phases) + " |"
         )
-    lines += ["", *overhead(by), *first_request_table(by)]
+    lines += ["", *overhead(by), *first_request_table(by), *swap_table(by)]
     failed = [s for s in starts if s.error]
     if failed:
         lines += ["", "Failed starts: " + "; ".join(f"{s.scenario} #{s.repeat}: {s.error}" for s in failed)]
@@ -458,6 +498,28 @@ def first_request_table(by: dict[str, list[Start]]) -> list[str]:
             f"{fmt(median([statistics.median(s.image_requests_s[1:]) if len(s.image_requests_s) > 1 else None for s in group]), 3)} | "
             f"{fmt(median(ratios))}× ({spread(ratios, 2)}) |"
         )
+    return lines
+
+
+def swap_table(by: dict[str, list[Start]]) -> list[str]:
+    """Each swap request's first token: medians over the repeats (range), and a swap against a warm start."""
+    group = [s for s in by.get("swap") or [] if len(s.swap_ttft_s) == len(SWAP_ORDER)]
+    if not group:
+        return []
+    columns = [[s.swap_ttft_s[index] for s in group] for index in range(len(SWAP_ORDER))]
+    lines = [
+        "",
+        "MODELS=a,b (the same tiny-llama twice, two engines), MAX_LOADED_MODELS=1: seconds from the request to "
+        "its first token, medians (range):",
+        "",
+        "| starts | a, first load | b, swap | a, swap back |",
+        "|---|---|---|---|",
+        f"| {len(group)} | " + " | ".join(f"{fmt(median(c))} ({spread(c)})" for c in columns) + " |",  # type: ignore[arg-type]
+    ]
+    warm = median([s.first_token_s for s in by.get("warm") or []])
+    swap = median([*columns[1], *columns[2]])  # type: ignore[list-item]
+    if warm and swap:
+        lines += ["", f"- A swap's first token over a warm single-model start's (from its spawn): {swap / warm:.2f}×."]
     return lines
 
 

@@ -83,3 +83,17 @@ def test_the_default_run_includes_both_warmup_settings_and_refuses_unknown_scena
     assert {"vlm-warmup", "vlm-no-warmup", "bare", "warm"} <= set(parse([]).scenarios)
     with pytest.raises(SystemExit):
         parse(["--scenarios", "vlm-lukewarm"])
+
+
+def test_the_report_gives_each_swap_its_first_token_and_compares_it_with_a_warm_start() -> None:
+    args = parse(["--scenarios", "warm,swap"])
+    starts = [
+        Start("warm", 1, ready_s=40.0, first_token_s=40.0, load_average=(1.0, 1.0, 1.0)),
+        Start("swap", 1, ready_s=5.0, swap_ttft_s=[38.0, 46.0, 42.0], load_average=(1.0, 1.0, 1.0)),
+        Start("swap", 2, ready_s=5.0, swap_ttft_s=[40.0, 46.0, 42.0], load_average=(1.0, 1.0, 1.0)),
+    ]
+    text = report(starts, args)
+    assert "| 2 | 39.00 (38.0–40.0) | 46.00 (46.0–46.0) | 42.00 (42.0–42.0) |" in text
+    assert "A swap's first token over a warm single-model start's (from its spawn): 1.10×." in text  # 44 / 40
+    assert "first tokens a 38.00 s, b 46.00 s, a 42.00 s" in describe(starts[1])
+    assert "swap" in parse([]).scenarios
