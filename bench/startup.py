@@ -36,7 +36,10 @@ Scenarios, each in one run on the same model and flags:
   through the wrapper; the first one's latency over the median of the next
   ten says whether the first user request pays for lazy initialisation (1.0:
   it does not). Each request has its own image, none the warm-up's, so that
-  vLLM's cache of processed images cannot make any of them cheaper.
+  vLLM's cache of processed images cannot make any of them cheaper. One
+  more request after a pause of PAUSE_S gives the reference: what any
+  request pays once the engine sat idle (on the CPU build its threads fall
+  asleep), which no warm-up can remove.
 - `swap`: `scripts/start.sh` with `MODELS=a=<snapshot>,b=<snapshot>` (the warm
   cache's tiny-llama under two names, so two engines) and
   `MAX_LOADED_MODELS=1`. After `/ping` 200, one streamed request each for a,
@@ -103,6 +106,7 @@ PORTS = {"bare": (8600, 8600), "warm": (8610, 8611), "no-engine-cache": (8650, 8
 SWAP_ORDER = ("a", "b", "a")  # the swap scenario's requests: first load, swap, swap back
 WARMUP_OF = {"vlm-warmup": "true", "vlm-no-warmup": "false"}  # the WARMUP setting of each VLM scenario
 FOLLOWING_REQUESTS = 10  # the first image request after ready is compared with this many after it
+PAUSE_S = 5.0  # then one more after this pause: what any request pays after the engine sat idle
 # The test stacks' engine settings (tests/stack.py): eager, a 1 GiB KV cache, two threads.
 ENGINE_ENV = {
     "DEVICE": "cpu", "ENFORCE_EAGER": "true", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2",
@@ -124,6 +128,7 @@ class Start:
     phases: dict[str, float] = field(default_factory=dict)
     engine_spawn_s: float | None = None  # supervisor: from the spawn to the engine's spawn
     image_requests_s: list[float] = field(default_factory=list)  # VLM: latencies after ready, in order
+    after_pause_s: float | None = None  # VLM: one more image request, PAUSE_S after the others
     swap_ttft_s: list[float] = field(default_factory=list)  # swap: first token of each SWAP_ORDER request
     load_average: tuple[float, float, float] = (0.0, 0.0, 0.0)
     error: str | None = None
@@ -271,6 +276,10 @@ class Bench:
                     sent = time.monotonic()
                     client.post("/v1/chat/completions", json=image_request(served, index)).raise_for_status()
                     start.image_requests_s.append(time.monotonic() - sent)
+                time.sleep(PAUSE_S)
+                sent = time.monotonic()
+                client.post("/v1/chat/completions", json=image_request(served, 1 + FOLLOWING_REQUESTS)).raise_for_status()
+                start.after_pause_s = time.monotonic() - sent
                 start.phases = client.get("/health").json()["phase_seconds"]
 
     def _swap(self, start: Start, log: Path) -> None:
@@ -487,16 +496,19 @@ def first_request_table(by: dict[str, list[Start]]) -> list[str]:
         f"First image request after `/ping` 200 against the next {FOLLOWING_REQUESTS} (tiny Qwen2-VL, through the "
         "wrapper), seconds; the ratio is the first over the median of the next ones, per start:",
         "",
-        f"| scenario | WARMUP | starts | first request | median of the next {FOLLOWING_REQUESTS} | first / next |",
-        "|---|---|---|---|---|---|",
+        f"| scenario | WARMUP | starts | first request | median of the next {FOLLOWING_REQUESTS} | first / next | "
+        f"after a {PAUSE_S:g} s pause / next |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, group in rows.items():
         ratios = [first_request_ratio(s.image_requests_s) for s in group]
+        paused = [first_request_ratio([s.after_pause_s, *s.image_requests_s[1:]]) if s.after_pause_s else None
+                  for s in group]
         lines.append(
             f"| {name} | {WARMUP_OF[name]} | {len(group)} | "
             f"{fmt(median([s.image_requests_s[0] if s.image_requests_s else None for s in group]), 3)} | "
             f"{fmt(median([statistics.median(s.image_requests_s[1:]) if len(s.image_requests_s) > 1 else None for s in group]), 3)} | "
-            f"{fmt(median(ratios))}× ({spread(ratios, 2)}) |"
+            f"{fmt(median(ratios))}× ({spread(ratios, 2)}) | {fmt(median(paused))}× ({spread(paused, 2)}) |"
         )
     return lines
 

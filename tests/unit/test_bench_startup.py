@@ -29,9 +29,9 @@ def image_url(body: dict[str, object]) -> str:
     return next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
 
 
-def vlm_start(scenario: str, repeat: int, latencies: list[float]) -> Start:
+def vlm_start(scenario: str, repeat: int, latencies: list[float], after_pause_s: float = 0.15) -> Start:
     return Start(scenario, repeat, first_answer_s=1.0, ready_s=40.0, image_requests_s=latencies,
-                 phases={"loading": 38.0, "warmup": 0.2}, load_average=(1.0, 1.0, 1.0))
+                 after_pause_s=after_pause_s, phases={"loading": 38.0, "warmup": 0.2}, load_average=(1.0, 1.0, 1.0))
 
 
 def test_the_ratio_is_the_first_request_over_the_median_of_the_next() -> None:
@@ -66,8 +66,8 @@ def test_the_report_gives_each_warmup_setting_its_ratio_median_and_range() -> No
     text = report(starts, args)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| vlm-")
             and "×" in line}
-    assert rows["vlm-warmup"].split(" | ")[1:] == ["true", "3", "0.100", "0.100", "1.00× (0.90–1.10) |"]
-    assert rows["vlm-no-warmup"].split(" | ")[1:] == ["false", "3", "0.400", "0.100", "4.00× (3.00–5.00) |"]
+    assert rows["vlm-warmup"].split(" | ")[1:] == ["true", "3", "0.100", "0.100", "1.00× (0.90–1.10)", "1.50× (1.50–1.50) |"]
+    assert rows["vlm-no-warmup"].split(" | ")[1:] == ["false", "3", "0.400", "0.100", "4.00× (3.00–5.00)", "1.50× (1.50–1.50) |"]
     assert "1.00× the next" in describe(starts[2])
 
 
@@ -75,7 +75,7 @@ def test_a_failed_start_is_left_out_of_the_ratio_and_named() -> None:
     args = parse(["--scenarios", "vlm-warmup"])
     failed = Start("vlm-warmup", 2, error="TimeoutError: not ready", load_average=(1.0, 1.0, 1.0))
     text = report([vlm_start("vlm-warmup", 1, [0.2, *[0.1] * FOLLOWING_REQUESTS]), failed], args)
-    assert "| vlm-warmup | true | 1 | 0.200 | 0.100 | 2.00× (2.00–2.00) |" in text
+    assert "| vlm-warmup | true | 1 | 0.200 | 0.100 | 2.00× (2.00–2.00) | 1.50× (1.50–1.50) |" in text
     assert "vlm-warmup #2: TimeoutError: not ready" in text
 
 
