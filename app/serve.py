@@ -47,6 +47,8 @@ from app.services import Services
 log = logging.getLogger("app.serve")
 # After the drain, what uvicorn still waits for before it stops anyway.
 SHUTDOWN_GRACE_S = 5.0
+# Allocations between two collections of the youngest generation (Python: 700).
+GC_YOUNG_THRESHOLD = 10_000
 # How much of a refused, unread body the server reads and discards, in MAX_REQUEST_BYTES.
 LINGER_BODIES = 4
 
@@ -311,6 +313,7 @@ def main() -> int:
     # no reference cycles (tests/unit/test_proxy_in_process.py): keep the long-lived
     # objects out of the collector's scans.
     gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
     server.run(sockets=listening_sockets(settings))
     return 0
 
