@@ -406,19 +406,35 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
 async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> None:
     # Usage counts tokens: a byte-level token can carry an empty delta, so content chunks do not.
     body = chat_body(LONG_TOKENS, stream=True, usage=True)
+    body_complete = asyncio.Event()
+
+    async def held_body() -> AsyncIterator[bytes]:
+        """An admitted request whose body is still arriving: the drain waits for it, however fast the engine."""
+        raw = json.dumps(chat_body(4, stream=False)).encode()
+        yield raw[:10]
+        await body_complete.wait()
+        yield raw[10:]
+
     async with restart_client(restart_stack) as client:
         await asyncio.to_thread(restart_stack.wait_ready, 300)  # the crash test restarts the engine
         await warm_up(client)
+        await wait_for_metric(client, "vllm_api_requests_in_flight", 0)  # the warm-up's request has ended
+        held = asyncio.ensure_future(
+            client.post(CHAT_PATH, content=held_body(), headers={"Content-Type": "application/json"})
+        )
+        await wait_for_metric(client, "vllm_api_requests_in_flight", 1)
         streams, reading = await open_streams(client, body, 2)
         restart_stack.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + WAIT_S
         while await ping_status(client) != 503:
-            assert time.monotonic() < deadline, "/ping still healthy 10 s after SIGTERM"
+            assert time.monotonic() < deadline, f"/ping not 503 within {WAIT_S:g} s of SIGTERM"
             await asyncio.sleep(0.05)
         late = await client.post(CHAT_PATH, json=chat_body(4, stream=False), timeout=10)
         assert late.status_code == 503 and late.headers["retry-after"]
         assert late.json()["error"]["code"] == "draining"
         assert (await client.get("/health", timeout=5)).json()["phase"] == "draining"
+        body_complete.set()
+        assert (await asyncio.wait_for(held, 60)).status_code == 200
         await asyncio.wait_for(reading, 60)
     for stream in streams:
         assert stream.status == 200 and stream.data()[-1] == "[DONE]"
