@@ -296,9 +296,9 @@ class OpenStream:
 
 
 async def open_streams(
-    client: httpx.AsyncClient, body: dict[str, object], count: int
+    client: httpx.AsyncClient, body: dict[str, object], count: int, generating: int | None = None
 ) -> tuple[list[OpenStream], asyncio.Future[list[None]]]:
-    """Start `count` streams together; return once every one of them has received a chunk."""
+    """Start `count` streams together; return once `generating` of them (default: all) have received a chunk."""
 
     async def read(stream: OpenStream) -> None:
         async with client.stream("POST", CHAT_PATH, json=body) as response:
@@ -310,11 +310,22 @@ async def open_streams(
 
     streams = [OpenStream() for _ in range(count)]
     reading = asyncio.gather(*(read(stream) for stream in streams))
-    started = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(*(s.generating.wait() for s in streams)), WAIT_S))
+    waits = [asyncio.ensure_future(s.generating.wait()) for s in streams]
+    needed = count if generating is None else generating
+
+    async def enough() -> None:
+        for done in asyncio.as_completed(waits):
+            await done
+            if sum(wait.done() for wait in waits) >= needed:
+                return
+
+    started = asyncio.ensure_future(asyncio.wait_for(enough(), WAIT_S))
     await asyncio.wait((reading, started), return_when=asyncio.FIRST_COMPLETED)
     if reading.done():
         reading.result()  # a stream failed before all of them were generating: raise its error
     await started
+    for wait in waits:
+        wait.cancel()
     return streams, reading
 
 
@@ -376,10 +387,11 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
         await asyncio.to_thread(restart_stack.wait_ready, 300)
         restarts = (await client.get("/health")).json()["engine_restarts"]
         await warm_up(client)
-        # Several choices per stream keep the engine busy for seconds; a starved client may
-        # still read a stream the engine finished in full before the kill, which is not cut.
+        # The kill follows the first stream's first chunk, so that stream has seconds of work
+        # left however fast the engine; a stream still waiting for an engine slot then is
+        # refused (502/503) instead of begun.
         body = chat_body(LONG_TOKENS, stream=True) | {"n": CRASH_CHOICES}
-        streams, reading = await open_streams(client, body, 3)
+        streams, reading = await open_streams(client, body, 3, generating=1)
         os.killpg(engine_process(restart_stack).pid, signal.SIGKILL)
 
         deadline = time.monotonic() + WAIT_S
@@ -389,9 +401,11 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
         assert (await client.get("/ping", timeout=WAIT_S)).status_code in (204, 503)
 
         await asyncio.wait_for(reading, WAIT_S)
-        cut = [stream for stream in streams if stream.finished_choices() < CRASH_CHOICES]
+        begun = [stream for stream in streams if stream.status == 200]
+        assert all(stream.status in (502, 503) for stream in streams if stream not in begun), streams
+        cut = [stream for stream in begun if stream.finished_choices() < CRASH_CHOICES]
         assert cut, "the engine finished every stream before it was killed"
-        for stream in streams:
+        for stream in begun:
             assert stream.data()[-1] == "[DONE]"
         for stream in cut:
             last = stream.events()[-1]
