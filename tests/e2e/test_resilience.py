@@ -45,6 +45,21 @@ def wait_for_engine_gauge(engine_url: str, name: str, value: float) -> None:
         time.sleep(0.05)
 
 
+JSON = {"Content-Type": "application/json"}
+
+
+async def held_body(max_tokens: int, complete: asyncio.Event) -> AsyncIterator[bytes]:
+    """A chat request's body sent in two parts, the second once `complete` is set.
+
+    The wrapper admits a request (takes its engine slot) before reading its body,
+    so the request holds a slot for as long as the test wants, whatever the engine's speed.
+    """
+    raw = json.dumps(chat_body(max_tokens, stream=False)).encode()
+    yield raw[:10]
+    await complete.wait()
+    yield raw[10:]
+
+
 async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -> None:
     """Poll the wrapper's /metrics until `name` equals `value` (at most WAIT_S)."""
     deadline = time.monotonic() + WAIT_S
@@ -105,18 +120,11 @@ async def test_queued_requests_are_served_in_arrival_order(text_stack: Stack, wr
     finished: list[int] = []
     body_complete = asyncio.Event()
 
-    async def held_body() -> AsyncIterator[bytes]:
-        """Request 0's body: the wrapper admits a request before reading its body, so this holds the only slot."""
-        raw = json.dumps(chat_body(8, stream=False)).encode()
-        yield raw[:10]
-        await body_complete.wait()
-        yield raw[10:]
-
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=120) as client:
 
         async def request(index: int) -> None:
             if index == 0:
-                response = await client.post(CHAT_PATH, content=held_body(), headers={"Content-Type": "application/json"})
+                response = await client.post(CHAT_PATH, content=held_body(8, body_complete), headers=JSON)
             else:
                 response = await client.post(CHAT_PATH, json=chat_body(8, stream=False))
             assert response.status_code == 200, response.text
@@ -422,20 +430,12 @@ async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stac
     body = chat_body(LONG_TOKENS, stream=True, usage=True)
     body_complete = asyncio.Event()
 
-    async def held_body() -> AsyncIterator[bytes]:
-        """An admitted request whose body is still arriving: the drain waits for it, however fast the engine."""
-        raw = json.dumps(chat_body(4, stream=False)).encode()
-        yield raw[:10]
-        await body_complete.wait()
-        yield raw[10:]
-
     async with restart_client(restart_stack) as client:
         await asyncio.to_thread(restart_stack.wait_ready, 300)  # the crash test restarts the engine
         await warm_up(client)
         await wait_for_metric(client, "vllm_api_requests_in_flight", 0)  # the warm-up's request has ended
-        held = asyncio.ensure_future(
-            client.post(CHAT_PATH, content=held_body(), headers={"Content-Type": "application/json"})
-        )
+        # The drain waits for an admitted request whose body is still arriving, however fast the engine.
+        held = asyncio.ensure_future(client.post(CHAT_PATH, content=held_body(4, body_complete), headers=JSON))
         await wait_for_metric(client, "vllm_api_requests_in_flight", 1)
         streams, reading = await open_streams(client, body, 2)
         restart_stack.process.send_signal(signal.SIGTERM)
