@@ -26,6 +26,7 @@ import json
 import time
 from typing import Any
 
+from app import json_codec
 from app.auth import header
 from app.config import Settings
 from app.errors import APIError, openai_error_body
@@ -246,7 +247,7 @@ def _refusal(chunk: bytes) -> tuple[int, bytes] | None:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
     try:
-        payload = json.loads(body)
+        payload = json_codec.loads(body)
     except ValueError:
         raise APIError(400, "Request body is not valid JSON.", code="invalid_json") from None
     except RecursionError:

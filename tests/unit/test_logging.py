@@ -370,3 +370,13 @@ def test_a_request_that_waited_for_its_model_says_how_long(output: Callable[[], 
     waited, single_model = (json.loads(line) for line in output())
     assert waited["load_wait_ms"] == 42500.0
     assert "load_wait_ms" not in single_model  # only with MODELS
+
+
+def test_odd_keys_and_big_integers_are_written_as_json_would(output: Callable[[], list[str]]) -> None:
+    """Keys that are not strings become strings, integers of any size stay exact."""
+    configure_logging("json", "INFO")
+
+    logging.getLogger("app.test").info("odd keys", extra={"counts": {1: "one"}, "big": 2**70})
+
+    (line,) = map(json.loads, output())
+    assert (line["message"], line["counts"], line["big"]) == ("odd keys", {"1": "one"}, 2**70)
