@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import psutil
@@ -144,16 +145,21 @@ async def test_queued_requests_are_served_in_arrival_order(text_stack: Stack, wr
 async def test_queue_timeout_is_503_and_full_queue_is_429(text_stack: Stack, wrapper) -> None:
     gateway = wrapper(
         text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL,
-        MAX_CONCURRENT_REQUESTS="1", MAX_QUEUE="2", QUEUE_TIMEOUT_S="0.5",
+        MAX_CONCURRENT_REQUESTS="1", MAX_QUEUE="2", QUEUE_TIMEOUT_S="3",
     )
     body_complete = asyncio.Event()
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as client:
+
+        def request() -> asyncio.Future[httpx.Response]:
+            return asyncio.ensure_future(client.post(CHAT_PATH, json=chat_body(4, stream=False)))
+
         # The admitted request holds the only slot until its body is complete, however fast the engine.
         held = asyncio.ensure_future(client.post(CHAT_PATH, content=held_body(4, body_complete), headers=JSON))
         await wait_for_metric(client, "vllm_api_requests_in_flight", 1)
-        others = await asyncio.wait_for(
-            asyncio.gather(*(client.post(CHAT_PATH, json=chat_body(4, stream=False)) for _ in range(7))), 120
-        )
+        # Two requests fill the queue; the next five arrive while it is full, not after a fixed pause.
+        queued = [request(), request()]
+        await wait_for_metric(client, "vllm_api_queue_depth", 2)
+        others = await asyncio.wait_for(asyncio.gather(*queued, *(request() for _ in range(5))), 120)
         body_complete.set()
         responses = [await asyncio.wait_for(held, 60), *others]
         metrics = (await client.get("/metrics")).text
@@ -304,7 +310,8 @@ class OpenStream:
 
 
 async def open_streams(
-    client: httpx.AsyncClient, body: dict[str, object], count: int, until: str = "generating"
+    client: httpx.AsyncClient, body: dict[str, object], count: int,
+    until: Literal["begun", "generating"] = "generating",
 ) -> tuple[list[OpenStream], asyncio.Future[list[None]]]:
     """Start `count` streams together; return once every one has `begun` (a status) or is `generating` (an event)."""
 
@@ -434,10 +441,10 @@ async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stac
         while await ping_status(client) != 503:
             assert time.monotonic() < deadline, f"/ping not 503 within {WAIT_S:g} s of SIGTERM"
             await asyncio.sleep(0.05)
-        late = await client.post(CHAT_PATH, json=chat_body(4, stream=False), timeout=10)
+        late = await client.post(CHAT_PATH, json=chat_body(4, stream=False), timeout=WAIT_S)
         assert late.status_code == 503 and late.headers["retry-after"]
         assert late.json()["error"]["code"] == "draining"
-        assert (await client.get("/health", timeout=5)).json()["phase"] == "draining"
+        assert (await client.get("/health", timeout=WAIT_S)).json()["phase"] == "draining"
         body_complete.set()
         assert (await asyncio.wait_for(held, 60)).status_code == 200
         await asyncio.wait_for(reading, 60)
