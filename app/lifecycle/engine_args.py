@@ -142,6 +142,10 @@ def build_engine_args(
     return args + extra
 
 
+# Where vLLM puts its inter-process sockets: a directory of the engine's own (ChildProcess's private_dir_env).
+ENGINE_IPC_DIR_ENV = "VLLM_RPC_BASE_PATH"
+
+
 def engine_env(settings: Settings, device: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The engine's environment: the container's, without the wrapper's settings and secrets.
 

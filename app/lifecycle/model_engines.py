@@ -36,7 +36,7 @@ from aiohttp import web
 from app.catalog import CatalogModel, ModelCatalog
 from app.config import Settings
 from app.lifecycle.compile_cache import with_compile_cache
-from app.lifecycle.engine_args import build_engine_launch
+from app.lifecycle.engine_args import ENGINE_IPC_DIR_ENV, build_engine_launch
 from app.lifecycle.engine_pool import EnginePool, LoadFailed, UnknownModel
 from app.lifecycle.health_watch import wait_until_silent
 from app.lifecycle.model_source import PreparedModel, prepare_model
@@ -226,7 +226,9 @@ class ModelEngines:
             launch = replace(launch, argv=[*launch.argv, "--enable-sleep-mode"],
                              env={**launch.env, "VLLM_SERVER_DEV_MODE": "1"})
         log.info("starting engine", extra={"model": name, "device": launch.device, "argv": launch.argv[1:]})
-        process = ChildProcess(f"engine {name}", launch.argv, launch.env, capture_output=True)
+        process = ChildProcess(
+            f"engine {name}", launch.argv, launch.env, capture_output=True, private_dir_env=ENGINE_IPC_DIR_ENV
+        )
         await process.start()
         try:
             outcome = await self._wait_until_healthy(process, settings.engine_url, settings.ENGINE_STARTUP_TIMEOUT_S)

@@ -11,6 +11,11 @@ stopped (asyncio's `readline` raises on a line over 64 KiB) would leave the
 pipe full, and the engine would block on its next log write while still
 looking alive. Lines are split here, and each is cut at `MAX_LINE_BYTES` with
 a visible marker, so one huge line costs neither memory nor a stalled engine.
+
+A child can get a private directory for its lifetime (`private_dir_env`): vLLM
+puts its inter-process sockets in one, and an engine that is killed, or whose
+engine-core process is still closing when its group is killed, cannot remove
+them. Without it, every engine restart or model swap would leave them behind.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import asyncio
 import ctypes
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from app.observability.logging import log_engine_line
 
@@ -46,14 +54,25 @@ def die_with_parent() -> None:
 
 
 class ChildProcess:
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], capture_output: bool) -> None:
+    """One child in its own process group.
+
+    `private_dir_env`: an environment variable that, unless `env` already sets it,
+    names a new directory that is removed once `kill` (the end of `stop`) is done.
+    """
+
+    def __init__(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], capture_output: bool,
+        private_dir_env: str | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env)
         self.capture_output = capture_output
+        self.private_dir_env = private_dir_env
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._private_dir: Path | None = None
 
     @property
     def pid(self) -> int | None:
@@ -61,9 +80,13 @@ class ChildProcess:
 
     async def start(self) -> None:
         output = asyncio.subprocess.PIPE if self.capture_output else None
+        env = self.env
+        if self.private_dir_env is not None and self.private_dir_env not in env:
+            self._private_dir = Path(tempfile.mkdtemp(prefix="vllm-ipc-"))  # short: socket paths have 107 bytes
+            env = {**env, self.private_dir_env: str(self._private_dir)}
         self.process = await asyncio.create_subprocess_exec(
             *self.argv,
-            env=self.env,
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=output,
             stderr=asyncio.subprocess.STDOUT if self.capture_output else None,
@@ -129,7 +152,10 @@ class ChildProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return await self.wait()
+        code = await self.wait()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        return code
 
 
 class LineSplitter:

@@ -42,7 +42,13 @@ import aiohttp
 
 from app.config import ConfigError, Settings, load_settings
 from app.lifecycle.compile_cache import with_compile_cache
-from app.lifecycle.engine_args import build_engine_args, build_engine_launch, engine_env, resolve_device
+from app.lifecycle.engine_args import (
+    ENGINE_IPC_DIR_ENV,
+    build_engine_args,
+    build_engine_launch,
+    engine_env,
+    resolve_device,
+)
 from app.lifecycle.flag_check import (
     EngineFacts,
     check_argv,
@@ -229,7 +235,9 @@ class Supervisor:
             launch = build_engine_launch(settings, prepared.path, modalities, prepared.lora_paths)
             launch = with_compile_cache(launch, settings, prepared.path, prepared.revision)
             log.info("starting engine", extra={"device": launch.device, "argv": launch.argv[1:]})
-            self.engine = ChildProcess("engine", launch.argv, launch.env, capture_output=True)
+            self.engine = ChildProcess(
+                "engine", launch.argv, launch.env, capture_output=True, private_dir_env=ENGINE_IPC_DIR_ENV
+            )
             await self.engine.start()
             outcome = await self._wait_until_healthy(self.engine, settings.ENGINE_STARTUP_TIMEOUT_S)
             if (refusal := await self._flag_verdict()) is not None:

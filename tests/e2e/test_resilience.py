@@ -401,6 +401,9 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
             if process.pid != leader.pid:
                 process.suspend()
         streams, reading = await open_streams(client, chat_body(LONG_TOKENS, stream=True), 3, until="begun")
+        # The engine's inter-process sockets are in a directory of its own, which outlives a SIGKILL only briefly.
+        ipc_dir = Path(variables(leader.pid)[b"VLLM_RPC_BASE_PATH"].decode())
+        assert any(entry.is_socket() for entry in ipc_dir.iterdir()), list(ipc_dir.iterdir())
         os.killpg(leader.pid, signal.SIGKILL)
 
         deadline = time.monotonic() + WAIT_S
@@ -421,6 +424,7 @@ async def test_engine_crash_ends_open_streams_with_an_error_event_and_restarts(r
         reply = await client.post(CHAT_PATH, json=chat_body(4, stream=False))
         assert reply.status_code == 200
         assert (await client.get("/health")).json()["engine_restarts"] == restarts + 1
+        assert not ipc_dir.exists()  # removed with the killed engine, before the new one started
 
 
 async def test_sigterm_drains_in_flight_streams_then_exits_0(restart_stack: Stack) -> None:

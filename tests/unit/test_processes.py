@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,48 @@ def test_a_long_line_keeps_its_start_and_counts_what_was_cut() -> None:
     splitter = LineSplitter(max_line_bytes=10)
     assert splitter.feed(b"0123456789abc") == []
     assert splitter.feed(b"def\nnext\n") == ["0123456789 [... 6 more bytes of this line not shown]", "next"]
+
+
+# Writes into its private directory, leaves a grandchild in its process group, then waits to be killed.
+PRIVATE_DIR_CHILD = """
+import os, subprocess, sys, time
+private = os.environ["IPC_DIR"]
+open(os.path.join(private, "socket-of-a-killed-engine"), "w").close()
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(private, flush=True)
+time.sleep(600)
+"""
+
+
+async def wait_for_first_line(child: ChildProcess) -> str:
+    deadline = asyncio.get_running_loop().time() + EXIT_TIMEOUT_S
+    while not child.tail:
+        assert asyncio.get_running_loop().time() < deadline, "the child printed nothing"
+        await asyncio.sleep(0.05)
+    return child.tail[0]
+
+
+async def test_a_private_directory_goes_with_the_killed_child_and_what_it_left_there() -> None:
+    child = ChildProcess(
+        "engine", [sys.executable, "-c", PRIVATE_DIR_CHILD], {}, capture_output=True, private_dir_env="IPC_DIR"
+    )
+    await child.start()
+    private = Path(await wait_for_first_line(child))
+    assert (private / "socket-of-a-killed-engine").exists()
+
+    await asyncio.wait_for(child.kill(), EXIT_TIMEOUT_S)
+
+    assert not private.exists()
+
+
+async def test_a_directory_the_operator_chose_is_used_and_kept(tmp_path: Path) -> None:
+    env = {"IPC_DIR": str(tmp_path)}
+    child = ChildProcess(
+        "engine", [sys.executable, "-c", PRIVATE_DIR_CHILD], env, capture_output=True, private_dir_env="IPC_DIR"
+    )
+    await child.start()
+    assert await wait_for_first_line(child) == str(tmp_path)
+
+    await asyncio.wait_for(child.kill(), EXIT_TIMEOUT_S)
+
+    assert (tmp_path / "socket-of-a-killed-engine").exists()
