@@ -7,12 +7,13 @@ variables only. Its JSON log lines go to a file so tests can read them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,63 @@ class Stack:
         return self.process.returncode
 
 
-def engine_gauge(engine_url: str, name: str) -> float:
-    """Sum of one `vllm:*` series in the engine's own /metrics."""
-    text = httpx.get(f"{engine_url}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+def engine_gauge(engine_url: str, name: str, label: str = "") -> float:
+    """Sum of one series' samples in the engine's own /metrics (those that carry `label`, if given)."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and label in line
+    )
+
+
+def engine_completed(stack: Stack) -> float:
+    """Requests the engine finished at their max_tokens (an aborted request is not counted)."""
+    return engine_gauge(stack.engine_url, "vllm:request_success_total", 'finished_reason="length"')
+
+
+def engine_chats_ended(stack: Stack) -> float:
+    """Chat requests the engine's API server is done with, however they ended (a client that left included)."""
+    return engine_gauge(stack.engine_url, "http_requests_total", 'handler="/v1/chat/completions"')
+
+
+def engine_process(stack: Stack) -> psutil.Process:
+    for process in stack.descendants():
+        if "vllm.entrypoints.openai.api_server" in " ".join(process.cmdline()):
+            return process
+    raise AssertionError("no engine process found")
+
+
+def engine_processes(stack: Stack) -> list[psutil.Process]:
+    """The engine's API server and everything in its process group (engine core, workers)."""
+    leader = engine_process(stack)
+    group = []
+    for process in stack.descendants():
+        try:
+            if os.getpgid(process.pid) == leader.pid:
+                group.append(process)
+        except ProcessLookupError:
+            pass
+    return group
+
+
+@contextlib.contextmanager
+def engine_core_held(stack: Stack) -> Iterator[None]:
+    """The engine's core held still (its processes but the API server suspended), then let go.
+
+    Requests reach the engine's API server, which answers `/metrics` and sees a
+    client leave, but no token is generated: what the test does meanwhile happens
+    before any generation, however fast the engine.
+    """
+    leader = engine_process(stack)
+    held = [process for process in engine_processes(stack) if process.pid != leader.pid]
+    assert held, "the engine has no process besides its API server"
+    for process in held:
+        process.suspend()
+    try:
+        yield
+    finally:
+        for process in held:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
 
 
 def kill_tree(pid: int) -> None:

@@ -3,19 +3,26 @@
 `REQUEST_TIMEOUT_S` bounds a whole request: a non-streaming request gets a
 504, a stream ends with an error event and `[DONE]`; either way the engine
 stops generating for it.
+
+The engine's core is held still while the request times out, so the engine
+cannot finish the reply before the abort reaches it, however fast it is. The
+test lets go once the engine's API server has ended the request (its own HTTP
+request counter), then checks that the engine never completes it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 
 from tests.e2e.conftest import TEXT_MODEL
-from tests.stack import Stack, engine_gauge
+from tests.stack import Stack, engine_chats_ended, engine_completed, engine_core_held, engine_gauge
 
 LONG = 1900
+WAIT_S = 120.0
 
 
 def long_generation(stream: bool) -> dict[str, object]:
@@ -25,31 +32,28 @@ def long_generation(stream: bool) -> dict[str, object]:
     }
 
 
-def completed(stack: Stack) -> float:
-    """Requests the engine finished at their max_tokens (an aborted request is not counted)."""
-    text = httpx.get(f"{stack.engine_url}/metrics", timeout=5).text
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-        if line.startswith("vllm:request_success_total{") and 'finished_reason="length"' in line
-    )
-
-
-def assert_engine_stopped_early(stack: Stack, completed_before: float, timeout_s: float = 120.0) -> None:
-    """Wait until the engine is idle; it must not have finished the request (it was aborted)."""
-    deadline = time.monotonic() + timeout_s
-    while engine_gauge(stack.engine_url, "vllm:num_requests_running") > 0:
-        assert time.monotonic() < deadline, "the engine is still busy"
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {WAIT_S:g} s"
         time.sleep(0.1)
-    assert completed(stack) == completed_before, "the engine generated the whole reply: it was not aborted"
+
+
+def assert_engine_stopped_early(stack: Stack, completed_before: float) -> None:
+    """Wait until the engine is idle; it must not have finished the request (it was aborted)."""
+    wait_until(lambda: engine_gauge(stack.engine_url, "vllm:num_requests_running") == 0, "the engine is still busy")
+    assert engine_completed(stack) == completed_before, "the engine generated the whole reply: it was not aborted"
 
 
 def test_non_streaming_request_over_request_timeout_is_a_504(text_stack: Stack, wrapper) -> None:
     gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
-    before = completed(text_stack)
-    response = httpx.post(
-        f"{gateway.base_url}/v1/chat/completions", json=long_generation(False), timeout=30,
-        headers={"X-Request-ID": "over-request-timeout"},
-    )
+    before, ended = engine_completed(text_stack), engine_chats_ended(text_stack)
+    with engine_core_held(text_stack):
+        response = httpx.post(
+            f"{gateway.base_url}/v1/chat/completions", json=long_generation(False), timeout=30,
+            headers={"X-Request-ID": "over-request-timeout"},
+        )
+        wait_until(lambda: engine_chats_ended(text_stack) > ended, "the engine's API server did not end the request")
     assert response.status_code == 504
     error = response.json()["error"]
     assert "REQUEST_TIMEOUT_S" in error["message"] and error["code"] == "timeout"
@@ -59,12 +63,19 @@ def test_non_streaming_request_over_request_timeout_is_a_504(text_stack: Stack, 
 
 
 def test_stream_over_request_timeout_ends_with_an_error_event(text_stack: Stack, wrapper) -> None:
-    gateway = wrapper(text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5")
-    before = completed(text_stack)
-    with httpx.stream("POST", f"{gateway.base_url}/v1/chat/completions", json=long_generation(True), timeout=30) as response:
-        assert response.status_code == 200
-        lines = [line for line in response.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]"
+    # Keep-alive comments begin the stream while the engine is held, so the timeout ends a begun stream.
+    gateway = wrapper(
+        text_stack.engine_url, SERVED_MODEL_NAME=TEXT_MODEL, REQUEST_TIMEOUT_S="0.5", SSE_KEEPALIVE_S="0.1"
+    )
+    before, ended = engine_completed(text_stack), engine_chats_ended(text_stack)
+    with engine_core_held(text_stack):
+        with httpx.stream(
+            "POST", f"{gateway.base_url}/v1/chat/completions", json=long_generation(True), timeout=30
+        ) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line]
+        wait_until(lambda: engine_chats_ended(text_stack) > ended, "the engine's API server did not end the request")
+    assert lines[0] == ": keep-alive" and lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2].removeprefix("data: "))["error"]
     assert error["code"] == "timeout"
     assert_engine_stopped_early(text_stack, before)
