@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("TEST_MODELS_DIR", ROOT / ".models"))
 START_SH = ROOT / "scripts" / "start.sh"
 ENGINE_READY_TIMEOUT_S = 420.0
+# How long a test waits for an event (a counter, a state) before it fails: the machine may be busy.
+EVENT_TIMEOUT_S = 120.0
 # A request's log line follows its response; on a busy machine, a while after.
 LOG_LINE_TIMEOUT_S = 60.0
 # Every stack port is PORT_BASE + a fixed offset, so two test runs on one
@@ -153,6 +155,20 @@ def engine_completed(stack: Stack) -> float:
 def engine_chats_ended(stack: Stack) -> float:
     """Chat requests the engine's API server is done with, however they ended (a client that left included)."""
     return engine_gauge(stack.engine_url, "http_requests_total", 'handler="/v1/chat/completions"')
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = EVENT_TIMEOUT_S) -> None:
+    """Poll `condition` until it holds; after `timeout_s`, fail saying `what` did not happen."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} (waited {timeout_s:g} s)"
+        time.sleep(0.1)
+
+
+def assert_engine_stopped_early(stack: Stack, completed_before: float) -> None:
+    """Wait until the engine is idle; it must not have completed the request (it was aborted)."""
+    wait_until(lambda: engine_gauge(stack.engine_url, "vllm:num_requests_running") == 0, "the engine stayed busy")
+    assert engine_completed(stack) == completed_before, "the engine generated the whole reply: it was not aborted"
 
 
 def engine_process(stack: Stack) -> psutil.Process:

@@ -84,14 +84,18 @@ class ChildProcess:
         if self.private_dir_env is not None and self.private_dir_env not in env:
             self._private_dir = Path(tempfile.mkdtemp(prefix="vllm-ipc-"))  # short: socket paths have 107 bytes
             env = {**env, self.private_dir_env: str(self._private_dir)}
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output,
-            stderr=asyncio.subprocess.STDOUT if self.capture_output else None,
-            preexec_fn=die_with_parent,
-        )
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT if self.capture_output else None,
+                preexec_fn=die_with_parent,
+            )
+        except OSError:
+            self._remove_private_dir()
+            raise
         log.info("process started", extra={"child": self.name, "pid": self.process.pid})
         if self.capture_output:
             self._reader = asyncio.ensure_future(self._forward_output())
@@ -153,9 +157,13 @@ class ChildProcess:
         except (ProcessLookupError, PermissionError):
             pass
         code = await self.wait()
+        self._remove_private_dir()
+        return code
+
+    def _remove_private_dir(self) -> None:
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
-        return code
+            self._private_dir = None
 
 
 class LineSplitter:

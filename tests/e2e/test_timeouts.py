@@ -13,16 +13,20 @@ request counter), then checks that the engine never completes it.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 
 import httpx
 
 from tests.e2e.conftest import TEXT_MODEL
-from tests.stack import Stack, engine_chats_ended, engine_completed, engine_core_held, engine_gauge
+from tests.stack import (
+    Stack,
+    assert_engine_stopped_early,
+    engine_chats_ended,
+    engine_completed,
+    engine_core_held,
+    wait_until,
+)
 
 LONG = 1900
-WAIT_S = 120.0
 
 
 def long_generation(stream: bool) -> dict[str, object]:
@@ -30,19 +34,6 @@ def long_generation(stream: bool) -> dict[str, object]:
         "model": TEXT_MODEL, "messages": [{"role": "user", "content": "Go on"}], "stream": stream,
         "max_tokens": LONG, "min_tokens": LONG, "ignore_eos": True,
     }
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {WAIT_S:g} s"
-        time.sleep(0.1)
-
-
-def assert_engine_stopped_early(stack: Stack, completed_before: float) -> None:
-    """Wait until the engine is idle; it must not have finished the request (it was aborted)."""
-    wait_until(lambda: engine_gauge(stack.engine_url, "vllm:num_requests_running") == 0, "the engine is still busy")
-    assert engine_completed(stack) == completed_before, "the engine generated the whole reply: it was not aborted"
 
 
 def test_non_streaming_request_over_request_timeout_is_a_504(text_stack: Stack, wrapper) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,14 @@ async def test_a_directory_the_operator_chose_is_used_and_kept(tmp_path: Path) -
     await asyncio.wait_for(child.kill(), EXIT_TIMEOUT_S)
 
     assert (tmp_path / "socket-of-a-killed-engine").exists()
+
+
+async def test_a_child_that_cannot_start_leaves_no_private_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where tempfile makes the private directory
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    child = ChildProcess("engine", [str(tmp_path / "no-such-program")], {}, capture_output=True, private_dir_env="IPC_DIR")
+
+    with pytest.raises(FileNotFoundError):
+        await child.start()
+
+    assert list(tmp_path.iterdir()) == []
